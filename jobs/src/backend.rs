@@ -1,0 +1,358 @@
+//! The apalis backend every broker shares.
+//!
+//! A background fetcher leases jobs from the broker's [`Driver`] in batches into a bounded
+//! in-memory buffer; `poll_next` hands them out one at a time. Finished attempts travel through
+//! [`SettleLayer`] into a channel, unawaited, and one flusher turns whatever has arrived into
+//! one broker call. A renewer extends the leases of held jobs. `poll_close` stops fetching,
+//! gives back prefetched jobs that never started and flushes every pending settlement.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use apalis_core::{
+    backend::{Backend, BackendConfig},
+    error::BoxDynError,
+    task::Task,
+    worker::context::WorkerContext,
+};
+use futures::future::BoxFuture;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tower::{Layer, Service};
+
+use crate::{
+    broker::{BrokerError, ConsumerConfig, Driver},
+    job::{AttemptOutcome, Job, JobId, Outcome, Settlement, now_ms},
+    queue::QueueName,
+};
+
+/// What workers receive: the job envelope, shared so that settling needs no copy.
+pub type JobRef = Arc<Job>;
+
+/// Leased jobs not yet settled; their leases are renewed while they are here.
+type Held = Arc<Mutex<HashSet<JobId>>>;
+
+/// One worker's source of jobs on one queue.
+pub struct QueueBackend {
+    queue: QueueName,
+    cfg: ConsumerConfig,
+    driver: Arc<dyn Driver>,
+    jobs: mpsc::Receiver<Job>,
+    stop: watch::Sender<bool>,
+    fetcher: Option<JoinHandle<()>>,
+    renewer: Option<JoinHandle<()>>,
+    settle_tx: Option<mpsc::UnboundedSender<Settlement>>,
+    flusher: Option<JoinHandle<()>>,
+    held: Held,
+    closing: Option<BoxFuture<'static, Result<(), BrokerError>>>,
+}
+
+impl std::fmt::Debug for QueueBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueBackend").field("queue", &self.queue).field("worker", &self.cfg.worker).finish()
+    }
+}
+
+impl QueueBackend {
+    /// Starts fetching at once; must be called inside a tokio runtime.
+    pub fn new(queue: QueueName, driver: Arc<dyn Driver>, cfg: ConsumerConfig) -> Self {
+        let (tx, jobs) = mpsc::channel(cfg.prefetch.max(1));
+        let (stop, stop_rx) = watch::channel(false);
+        let held: Held = Arc::default();
+        let fetcher = tokio::spawn(fetch_loop(driver.clone(), tx, stop_rx.clone(), held.clone(), cfg.clone()));
+        let renewer = tokio::spawn(renew_loop(driver.clone(), stop_rx, held.clone(), cfg.lease / 3));
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let flusher = tokio::spawn(settle_loop(driver.clone(), settle_rx, held.clone()));
+        Self {
+            queue,
+            cfg,
+            driver,
+            jobs,
+            stop,
+            fetcher: Some(fetcher),
+            renewer: Some(renewer),
+            settle_tx: Some(settle_tx),
+            flusher: Some(flusher),
+            held,
+            closing: None,
+        }
+    }
+
+    pub fn queue(&self) -> &QueueName {
+        &self.queue
+    }
+
+    fn close_future(&mut self) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let _ = self.stop.send(true);
+        let fetcher = self.fetcher.take();
+        let renewer = self.renewer.take();
+        let flusher = self.flusher.take();
+        // Dropping the sender lets the flusher finish once every in-flight settlement is sent.
+        drop(self.settle_tx.take());
+        let driver = self.driver.clone();
+        let held = self.held.clone();
+        // The receiver is replaced so that jobs buffered after the fetcher stops can be drained.
+        let (_, empty) = mpsc::channel(1);
+        let mut jobs = std::mem::replace(&mut self.jobs, empty);
+        Box::pin(async move {
+            if let Some(f) = fetcher {
+                let _ = f.await;
+            }
+            let mut unstarted = Vec::new();
+            while let Ok(job) = jobs.try_recv() {
+                unstarted.push(job);
+            }
+            if !unstarted.is_empty() {
+                {
+                    let mut held = held.lock().expect("held set poisoned");
+                    for j in &unstarted {
+                        held.remove(&j.id);
+                    }
+                }
+                tracing::debug!(count = unstarted.len(), "releasing prefetched jobs");
+                retry_forever("release", || driver.release(unstarted.clone()), Duration::from_secs(10)).await?;
+            }
+            if let Some(f) = flusher {
+                let _ = f.await;
+            }
+            if let Some(r) = renewer {
+                r.abort();
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn fetch_loop(
+    driver: Arc<dyn Driver>,
+    tx: mpsc::Sender<Job>,
+    mut stop: watch::Receiver<bool>,
+    held: Held,
+    cfg: ConsumerConfig,
+) {
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        // Wait for room first, so a full buffer never leases jobs nobody can start soon.
+        let permit = tokio::select! {
+            p = tx.reserve() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let room = tx.capacity() + 1;
+        drop(permit);
+        match driver.fetch(room, cfg.block).await {
+            Ok(batch) => {
+                failures = 0;
+                if batch.is_empty() {
+                    continue;
+                }
+                held.lock().expect("held set poisoned").extend(batch.iter().map(|j| j.id));
+                for job in batch {
+                    // Capacity was reserved above and only this task sends.
+                    if let Err(e) = tx.try_send(job) {
+                        let job = match e {
+                            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+                        };
+                        held.lock().expect("held set poisoned").remove(&job.id);
+                        let _ = driver.release(vec![job]).await;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff_delay(failures);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "fetching jobs failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn renew_loop(driver: Arc<dyn Driver>, mut stop: watch::Receiver<bool>, held: Held, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => {}
+        }
+        let ids: Vec<JobId> = held.lock().expect("held set poisoned").iter().copied().collect();
+        if !ids.is_empty()
+            && let Err(e) = driver.renew(&ids).await
+        {
+            tracing::warn!(error = %e, held = ids.len(), "renewing leases failed");
+        }
+    }
+}
+
+async fn settle_loop(driver: Arc<dyn Driver>, mut rx: mpsc::UnboundedReceiver<Settlement>, held: Held) {
+    let mut buf = Vec::with_capacity(1024);
+    while rx.recv_many(&mut buf, 1024).await > 0 {
+        let batch = std::mem::take(&mut buf);
+        // A settlement is never dropped: at-least-once means a lost ack would rerun the job,
+        // a lost retry or dead-set move would lose the job's fate. Keep trying.
+        if retry_forever("settle", || driver.settle(batch.clone()), Duration::from_secs(u64::MAX / 4))
+            .await
+            .is_ok()
+        {
+            let mut held = held.lock().expect("held set poisoned");
+            for s in &batch {
+                held.remove(&s.job.id);
+            }
+        }
+    }
+}
+
+fn backoff_delay(failures: u32) -> Duration {
+    Duration::from_millis((50u64 << failures.min(7)).min(5_000))
+}
+
+async fn retry_forever<F, Fut>(what: &str, mut f: F, give_up_after: Duration) -> Result<(), BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), BrokerError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut failures = 0;
+    loop {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() < give_up_after => {
+                failures += 1;
+                let wait = backoff_delay(failures);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what} failed");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Backend for QueueBackend {
+    type Task = Task<JobRef>;
+    type Error = BrokerError;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        if self.closing.is_some() {
+            return Poll::Ready(None);
+        }
+        match self.jobs.poll_recv(cx) {
+            Poll::Ready(Some(job)) => Poll::Ready(Some(Ok(Task::new(Arc::new(job))))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+        if self.closing.is_none() {
+            self.closing = Some(self.close_future());
+        }
+        self.closing.as_mut().expect("set above").as_mut().poll(cx)
+    }
+}
+
+impl BackendConfig for QueueBackend {
+    type Args = JobRef;
+    type Id = JobId;
+    type Kind = apalis_core::backend::finalize::Ephemeral;
+    type Config = ConsumerConfig;
+    type Layer = SettleLayer;
+
+    fn config(&self) -> &Self::Config {
+        &self.cfg
+    }
+
+    fn middleware(&mut self, _worker: &mut WorkerContext) -> Self::Layer {
+        SettleLayer {
+            tx: self.settle_tx.clone().expect("middleware is taken before the backend closes"),
+            worker: self.cfg.worker.clone(),
+        }
+    }
+}
+
+/// Reports every finished attempt to the broker. The worker runtime's layers below decide the
+/// [`Outcome`]; an error that still reaches this layer (a bug, or a layer outside drover's
+/// control) is retried after a second, or dead on the last attempt.
+#[derive(Clone)]
+pub struct SettleLayer {
+    tx: mpsc::UnboundedSender<Settlement>,
+    worker: Arc<str>,
+}
+
+impl<S> Layer<S> for SettleLayer {
+    type Service = SettleService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        SettleService { inner, tx: self.tx.clone(), worker: self.worker.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct SettleService<S> {
+    inner: S,
+    tx: mpsc::UnboundedSender<Settlement>,
+    worker: Arc<str>,
+}
+
+impl<S> Service<Task<JobRef>> for SettleService<S>
+where
+    S: Service<Task<JobRef>, Response = Outcome>,
+    S::Error: Into<BoxDynError>,
+    S::Future: Send + 'static,
+{
+    type Response = Outcome;
+    type Error = BoxDynError;
+    type Future = Pin<Box<dyn Future<Output = Result<Outcome, BoxDynError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<JobRef>) -> Self::Future {
+        let job = task.args.clone();
+        let tx = self.tx.clone();
+        let worker = self.worker.clone();
+        let started_at_ms = now_ms();
+        let fut = self.inner.call(task);
+        Box::pin(async move {
+            let outcome = match fut.await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    let error = e.into().to_string();
+                    if job.attempt >= job.max_attempts {
+                        Outcome::Dead { error, how: AttemptOutcome::Failed }
+                    } else {
+                        Outcome::Retry { at_ms: now_ms() + 1_000, error, how: AttemptOutcome::Failed }
+                    }
+                }
+            };
+            let settlement = Settlement {
+                job: Arc::unwrap_or_clone(job),
+                outcome: outcome.clone(),
+                worker,
+                started_at_ms,
+                finished_at_ms: now_ms(),
+            };
+            // Only fails once the backend has closed, after every attempt was awaited.
+            let _ = tx.send(settlement);
+            Ok(outcome)
+        })
+    }
+}

@@ -1,0 +1,26 @@
+//! drover's job catalog and queue backends.
+//!
+//! - [`catalog`]: every job kind, its typed payload, queue, retry policy and timeout;
+//! - [`job`]: the envelope brokers store and workers receive, and attempt outcomes;
+//! - [`broker`]: the Redis, AMQP and SQLite brokers behind one [`broker::Producer`] /
+//!   [`broker::Driver`] interface;
+//! - [`backend`]: the apalis-core `Backend` every broker shares (batched fetch, batched acks,
+//!   graceful release).
+//!
+//! Depends on `schema` only (for job states and the database AMQP keeps job state in); no
+//! HTTP, no process-level runtime.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod broker;
+pub mod catalog;
+pub mod job;
+pub mod queue;
+pub mod retry;
+
+pub use backend::{JobRef, QueueBackend};
+pub use broker::{BrokerError, BrokerOptions, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+pub use catalog::{Catalog, CatalogConfig, CatalogError, KindSpec};
+pub use job::{Job, JobId, JobRecord, JobState, Outcome, Settlement};
+pub use queue::QueueName;
+pub use retry::RetryPolicy;

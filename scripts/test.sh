@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs drover's whole test suite on this machine: makes sure the services the tests use are up
+# (starting them the way this machine's image does if not), then format, lints and tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+up() { # name, host:port, start command
+  local name=$1 addr=$2 start=$3
+  if ! (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
+    say "$name is down on $addr: starting it"
+    bash -c "$start"
+    for _ in $(seq 1 60); do
+      (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null && return 0
+      sleep 1
+    done
+    echo "$name did not come up on $addr (tried: $start)" >&2
+    exit 1
+  fi
+}
+
+up PostgreSQL 127.0.0.1:5432 'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'
+up Redis 127.0.0.1:6379 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log'
+up RabbitMQ 127.0.0.1:5672 'rabbitmq-server -detached'
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+say "cargo fmt --check"
+cargo fmt --all --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "tests"
+cargo nextest run --workspace --locked --no-fail-fast

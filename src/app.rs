@@ -1,0 +1,121 @@
+//! Composes database, broker, history writer, API and workers into running processes.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use jobs::{BrokerOptions, Catalog, Producer};
+use schema::history::{HistoryConfig, HistoryTask, HistoryWriter};
+use sea_orm::DatabaseConnection;
+
+use crate::config::{ApiArgs, Connections, WorkerArgs};
+
+/// What every drover process holds: one of each, shared by everything in the process.
+pub struct Stack {
+    pub db: DatabaseConnection,
+    pub broker: Arc<dyn Producer>,
+    pub catalog: Arc<Catalog>,
+    pub history: HistoryWriter,
+    history_task: HistoryTask,
+}
+
+/// Whether a process may migrate the database itself (`drover dev`) or must find it migrated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migrations {
+    Apply,
+    Require,
+}
+
+impl Stack {
+    pub async fn connect(conn: &Connections, catalog: Catalog, migrations: Migrations) -> anyhow::Result<Self> {
+        let db = schema::connect(conn.database_url.expose()).await.context("connecting to the database")?;
+        match migrations {
+            Migrations::Apply => schema::migrate(&db).await.context("migrating the database")?,
+            Migrations::Require => schema::ensure_migrated(&db).await?,
+        }
+        let broker = jobs::broker::connect(
+            conn.broker_url.expose(),
+            BrokerOptions { prefix: conn.broker_prefix.clone(), db: db.clone() },
+        )
+        .await
+        .context("connecting to the broker")?;
+        let (history, history_task) = HistoryWriter::spawn(db.clone(), HistoryConfig::default());
+        Ok(Self { db, broker, catalog: Arc::new(catalog), history, history_task })
+    }
+
+    /// Flushes the job history still in memory (bounded by `timeout`).
+    pub async fn close(self, timeout: Duration) {
+        let left = self.history_task.shutdown(timeout).await;
+        if left > 0 {
+            tracing::warn!(left, "job history not written before exit");
+        }
+    }
+}
+
+/// Serves the HTTP API on an already bound listener until `shutdown` resolves.
+pub async fn serve_api(
+    stack: &Stack,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = api::AppState::new(
+        stack.broker.clone(),
+        stack.db.clone(),
+        stack.catalog.clone(),
+        Some(stack.history.clone()),
+        api::install_metrics(),
+    );
+    api::serve(listener, state, shutdown).await.context("serving the API")
+}
+
+pub fn bind(args: &ApiArgs) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Runs workers until `shutdown` resolves and running jobs have finished.
+pub async fn run_workers(
+    stack: &Stack,
+    args: &WorkerArgs,
+    deps: workers::Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    workers::run(
+        stack.broker.clone(),
+        stack.catalog.clone(),
+        Arc::new(workers::Registry::standard()),
+        Arc::new(deps),
+        Some(stack.history.clone()),
+        args.settings()?,
+        shutdown,
+    )
+    .await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// A shutdown signal that several tasks can wait on.
+pub fn broadcast_shutdown() -> (tokio::sync::watch::Sender<bool>, impl Fn() -> futures::future::BoxFuture<'static, ()> + Clone) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let wait = move || {
+        let mut rx = rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }) as futures::future::BoxFuture<'static, ()>
+    };
+    (tx, wait)
+}

@@ -1,0 +1,162 @@
+//! `drover`: parses the command line and runs the process it names.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use drover::{
+    app::{self, Migrations, Stack},
+    config::{self, ApiArgs, Connections, RetryArgs, WorkerArgs},
+};
+
+#[derive(Parser)]
+#[command(name = "drover", version, about = "A job platform: HTTP API, queues, workers, schedules")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// API and workers in one process on an embedded SQLite broker and database: no services needed.
+    Dev {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        retry: RetryArgs,
+    },
+    /// The HTTP API.
+    Api {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        retry: RetryArgs,
+    },
+    /// A worker process: consumes the given queues until SIGTERM/SIGINT.
+    Worker {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        retry: RetryArgs,
+    },
+    /// Applies pending database migrations.
+    Migrate {
+        #[command(flatten)]
+        conn: Connections,
+    },
+    /// Enqueues one job straight into the broker and prints its id.
+    Enqueue {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(flatten)]
+        retry: RetryArgs,
+        /// Job kind, e.g. `noop` or `sleep`.
+        kind: String,
+        /// The payload, as JSON.
+        #[arg(default_value = "{}")]
+        payload: String,
+        /// Queue (default: the kind's own).
+        #[arg(long)]
+        queue: Option<String>,
+        /// Run no earlier than this many seconds from now.
+        #[arg(long)]
+        delay_s: Option<u64>,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    if json {
+        fmt().json().with_env_filter(filter).with_current_span(true).init();
+    } else {
+        fmt().with_env_filter(filter).init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    match Cli::parse().command {
+        Command::Dev { conn, api, worker, retry } => {
+            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Apply).await?;
+            let listener = app::bind(&api)?;
+            let addr = listener.local_addr()?;
+            println!("drover dev is up: http://{addr}  (API docs: http://{addr}/docs)");
+            let (stop, wait) = app::broadcast_shutdown();
+            tokio::spawn(async move {
+                app::shutdown_signal().await;
+                let _ = stop.send(true);
+            });
+            let (a, w) = tokio::join!(
+                app::serve_api(&stack, listener, wait()),
+                app::run_workers(&stack, &worker, workers::Deps::default(), wait()),
+            );
+            stack.close(Duration::from_secs(5)).await;
+            a.and(w)
+        }
+        Command::Api { conn, api, retry } => {
+            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+            let listener = app::bind(&api)?;
+            tracing::info!(addr = %listener.local_addr()?, "API listening");
+            let res = app::serve_api(&stack, listener, app::shutdown_signal()).await;
+            stack.close(Duration::from_secs(5)).await;
+            res
+        }
+        Command::Worker { conn, worker, retry } => {
+            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+            let res = app::run_workers(&stack, &worker, workers::Deps::default(), app::shutdown_signal()).await;
+            stack.close(Duration::from_secs(5)).await;
+            res
+        }
+        Command::Migrate { conn } => {
+            let db = schema::connect(conn.database_url.expose()).await.context("connecting to the database")?;
+            schema::migrate(&db).await.context("migrating")?;
+            println!("database migrated");
+            Ok(())
+        }
+        Command::Enqueue { conn, retry, kind, payload, queue, delay_s } => {
+            let catalog = config::catalog(&conn, &retry)?;
+            let raw = serde_json::value::RawValue::from_string(payload).context("the payload is not valid JSON")?;
+            let spec = catalog.validate(&kind, &raw)?;
+            let queue = match queue {
+                Some(q) => jobs::QueueName::parse(&q)?,
+                None => catalog.default_queue(spec),
+            };
+            let db = schema::connect(conn.database_url.expose()).await.context("connecting to the database")?;
+            let broker = jobs::broker::connect(
+                conn.broker_url.expose(),
+                jobs::BrokerOptions { prefix: conn.broker_prefix.clone(), db },
+            )
+            .await?;
+            let now = jobs::job::now_ms();
+            let job = jobs::Job {
+                id: jobs::JobId::new(),
+                queue,
+                kind: spec.name.into(),
+                payload: raw,
+                max_attempts: spec.retry.max_attempts,
+                priority: 0,
+                enqueued_at_ms: now,
+                run_at_ms: delay_s.map(|s| now + s as i64 * 1_000),
+                trace_id: None,
+                idempotency_key: None,
+                attempt: 0,
+                receipt: 0,
+            };
+            let res = broker.push(job).await?;
+            println!("{}", res.id);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The real `drover` binary as operators run it: signals, exit codes, `drover dev`.
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use jobs::{BrokerOptions, Job, JobId, QueueName, job::now_ms};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::support::{
+    AMQP_URL, Broker, REDIS_URL, create_pg_database, delete_amqp_prefix, delete_redis_prefix,
+    drop_pg_database, unique,
+};
+
+fn drover() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_drover"));
+    c.kill_on_drop(true).env("DROVER_LOG", "warn");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DROVER_") && k != "DROVER_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success();
+    assert!(ok, "kill -TERM {pid} failed");
+}
+
+async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(broker: Broker) {
+    let prefix = unique("t");
+    let (pg_name, db_url, broker_url, sqlite_path) = match broker {
+        Broker::Redis | Broker::Amqp => {
+            let (name, url) = create_pg_database().await;
+            let b = if broker == Broker::Redis { REDIS_URL } else { AMQP_URL };
+            (Some(name), url, b.to_owned(), None)
+        }
+        Broker::Sqlite => {
+            let path = std::env::temp_dir().join(format!("{prefix}.db"));
+            let url = format!("sqlite://{}", path.display());
+            (None, url.clone(), url, Some(path))
+        }
+    };
+    let env = [
+        ("DROVER_BROKER_URL", broker_url.as_str()),
+        ("DROVER_DATABASE_URL", db_url.as_str()),
+        ("DROVER_BROKER_PREFIX", prefix.as_str()),
+    ];
+    let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
+    assert!(migrated.success(), "drover migrate failed");
+
+    let db = schema::connect(&db_url).await.unwrap();
+    let producer = jobs::broker::connect(&broker_url, BrokerOptions { prefix: prefix.clone(), db: db.clone() })
+        .await
+        .unwrap();
+    let queue = QueueName::parse("default").unwrap();
+    let ids: Vec<JobId> = (0..50).map(|_| JobId::new()).collect();
+    let batch = ids
+        .iter()
+        .map(|id| Job {
+            id: *id,
+            queue: queue.clone(),
+            kind: "sleep".into(),
+            payload: serde_json::value::RawValue::from_string(r#"{"ms":1000}"#.into()).unwrap(),
+            max_attempts: 5,
+            priority: 0,
+            enqueued_at_ms: now_ms(),
+            run_at_ms: None,
+            trace_id: None,
+            idempotency_key: None,
+            attempt: 0,
+            receipt: 0,
+        })
+        .collect();
+    producer.push_batch(batch).await.unwrap();
+
+    let mut worker = drover()
+        .args(["worker", "--queues", "default", "--concurrency", "50"])
+        .envs(env)
+        .spawn()
+        .unwrap();
+    // Wait until all 50 are running, then ask the worker to stop.
+    let start = Instant::now();
+    loop {
+        let s = producer.stats(&queue).await.unwrap();
+        if s.running == 50 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "50 jobs never ran at once: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigterm(&worker);
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.expect("exited").unwrap();
+    assert_eq!(status.code(), Some(0), "the worker exit status after SIGTERM");
+
+    // Every job ran exactly once and succeeded; nothing is left in the queue.
+    let start = Instant::now();
+    loop {
+        let mut states = Vec::new();
+        for id in &ids {
+            let rec = match producer.get(*id).await.unwrap() {
+                Some(r) => Some((r.status, r.attempts)),
+                None => schema::queries::get_job(&db, id.0).await.unwrap().map(|v| {
+                    (v.job.status.parse().unwrap(), v.job.attempts as u32)
+                }),
+            };
+            states.push(rec);
+        }
+        let done = states.iter().filter(|s| matches!(s, Some((jobs::JobState::Succeeded, 1)))).count();
+        if done == 50 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "not every job succeeded exactly once: {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = producer.stats(&queue).await.unwrap();
+    assert_eq!((s.pending, s.running, s.scheduled, s.dead), (0, 0, 0, 0), "{s:?}");
+
+    match broker {
+        Broker::Redis => delete_redis_prefix(&prefix).await,
+        Broker::Amqp => delete_amqp_prefix(&prefix).await,
+        Broker::Sqlite => {}
+    }
+    if let Some(name) = pg_name {
+        drop(db);
+        drop_pg_database(&name).await;
+    }
+    if let Some(path) = sqlite_path {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_redis_lets_fifty_running_jobs_finish_once_and_exits_zero() {
+    sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(Broker::Redis).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_amqp_lets_fifty_running_jobs_finish_once_and_exits_zero() {
+    sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(Broker::Amqp).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_sqlite_lets_fifty_running_jobs_finish_once_and_exits_zero() {
+    sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(Broker::Sqlite).await
+}
+
+/// `drover dev` needs no service: it comes up with Redis, RabbitMQ and Postgres pointed at
+/// closed ports, serves the docs and runs a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drover_dev_runs_a_job_with_no_external_service() {
+    let dir = std::env::temp_dir().join(unique("drover-dev-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut dev = drover()
+        .arg("dev")
+        .current_dir(&dir)
+        .env("DROVER_LISTEN", "127.0.0.1:0")
+        // Only the embedded defaults may be used; anything else would fail here.
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .env("DATABASE_URL", "postgres://127.0.0.1:1/none")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("drover dev printed its URL")
+        .unwrap()
+        .expect("a line");
+    let base = line.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL").to_owned();
+    let http = reqwest::Client::new();
+    let docs = http.get(format!("{base}/docs")).send().await.unwrap();
+    assert_eq!(docs.status().as_u16(), 200);
+    assert!(docs.text().await.unwrap().to_lowercase().contains("swagger"));
+    let res: serde_json::Value = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"kind": "noop", "payload": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = res["id"].as_str().expect("an id").to_owned();
+    let start = Instant::now();
+    loop {
+        let job: serde_json::Value =
+            http.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap();
+        if job["status"] == "succeeded" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the job never succeeded: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sigterm(&dev);
+    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await.expect("exited").unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,42 @@
+//! The kinds every build has: `noop` and `sleep`, for benchmarks, smoke tests and drills.
+
+use std::{sync::Arc, time::Duration};
+
+use jobs::{
+    Job,
+    catalog::{Noop, Sleep},
+};
+
+use crate::handlers::{Deps, JobError, payload};
+
+pub async fn noop(job: Arc<Job>, deps: Arc<Deps>) -> Result<(), JobError> {
+    if let Some(probe) = &deps.pickup_probe {
+        let p: Noop = payload(&job)?;
+        if let Some(at) = p.enqueued_at_us {
+            let _ = probe.send((job.id, now_us() - at));
+        }
+    }
+    Ok(())
+}
+
+/// Waits `ms`; fails while `attempt <= fail_first` (or always, with `always_fail`).
+pub async fn sleep(job: Arc<Job>, _deps: Arc<Deps>) -> Result<(), JobError> {
+    let p: Sleep = payload(&job)?;
+    if p.ms > 0 {
+        tokio::time::sleep(Duration::from_millis(p.ms)).await;
+    }
+    if p.always_fail {
+        return Err(JobError::retryable(format!("sleep: failing every attempt (attempt {})", job.attempt)));
+    }
+    if job.attempt <= p.fail_first {
+        return Err(JobError::retryable(format!("sleep: failing attempt {} of the first {}", job.attempt, p.fail_first)));
+    }
+    Ok(())
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}

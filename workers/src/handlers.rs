@@ -1,0 +1,64 @@
+//! Job handlers: what runs a kind, and how a handler says whether retrying can help.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures::future::BoxFuture;
+use jobs::{Job, JobId};
+use tokio::sync::mpsc;
+
+/// Why an attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt (a timeout, an unreachable dependency, …).
+    #[error("{0}")]
+    Retryable(String),
+    /// Retrying cannot help (a payload the handler rejects, a missing target): dead at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl JobError {
+    pub fn retryable(e: impl std::fmt::Display) -> Self {
+        Self::Retryable(e.to_string())
+    }
+
+    pub fn permanent(e: impl std::fmt::Display) -> Self {
+        Self::Permanent(e.to_string())
+    }
+}
+
+/// Decodes a job's payload into its kind's typed payload; a payload that doesn't decode can't
+/// be fixed by retrying.
+pub fn payload<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, JobError> {
+    serde_json::from_str(job.payload.get()).map_err(|e| JobError::permanent(format!("payload: {e}")))
+}
+
+/// What handlers may use: shared connections and probes, one per process.
+#[derive(Clone, Default)]
+pub struct Deps {
+    /// Receives `(job id, pickup latency µs)` from `noop` jobs carrying `enqueued_at_us`;
+    /// the benchmark and the latency tests listen here.
+    pub pickup_probe: Option<mpsc::UnboundedSender<(JobId, i64)>>,
+}
+
+pub type Handler = fn(Arc<Job>, Arc<Deps>) -> BoxFuture<'static, Result<(), JobError>>;
+
+/// Job kind → handler.
+#[derive(Clone)]
+pub struct Registry {
+    handlers: HashMap<&'static str, Handler>,
+}
+
+impl Registry {
+    /// Every handler this build has.
+    pub fn standard() -> Self {
+        let mut handlers: HashMap<&'static str, Handler> = HashMap::new();
+        handlers.insert("noop", |job, deps| Box::pin(crate::families::builtin::noop(job, deps)));
+        handlers.insert("sleep", |job, deps| Box::pin(crate::families::builtin::sleep(job, deps)));
+        Self { handlers }
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Handler> {
+        self.handlers.get(kind).copied()
+    }
+}

@@ -1,0 +1,18 @@
+//! drover's worker runtime and the job families' handlers.
+//!
+//! [`runtime`] runs one apalis worker per queue over the shared [`jobs::QueueBackend`]: per-queue
+//! concurrency, a hard timeout per attempt, panics caught, retries scheduled by the kind's
+//! [`jobs::RetryPolicy`], job history written off the hot path in batches, a tracing span per
+//! attempt, and a graceful shutdown that lets running jobs finish within a grace period.
+//! [`handlers`] maps job kinds to their handlers; [`families`] holds the handlers themselves.
+//!
+//! Depends on `jobs` and `schema`; never on `api`.
+#![forbid(unsafe_code)]
+
+pub mod families;
+pub mod handlers;
+pub mod history;
+pub mod runtime;
+
+pub use handlers::{Deps, JobError, Registry};
+pub use runtime::{WorkerSettings, run};

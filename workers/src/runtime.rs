@@ -1,0 +1,228 @@
+//! The worker runtime: an apalis `Monitor` with one worker per queue.
+//!
+//! Each attempt runs inside [`AttemptService`], which owns everything the attempt's fate
+//! depends on — the handler lookup, the hard timeout (the handler's future is dropped when it
+//! passes, so the work really stops), panic capture, the retry decision and the history and
+//! metrics — and returns an [`Outcome`] that the backend's settle layer hands to the broker.
+//! Keeping the decision in one place is what makes retry semantics identical on every broker.
+
+use std::{
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use apalis::layers::WorkerBuilderExt;
+use apalis_core::{
+    error::BoxDynError, monitor::Monitor, task::Task, worker::builder::WorkerBuilder,
+};
+use futures::{FutureExt, future::BoxFuture};
+use jobs::{
+    Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName, job::AttemptOutcome,
+    job::now_ms,
+};
+use schema::history::HistoryWriter;
+use tracing::Instrument;
+
+use crate::{
+    handlers::{Deps, JobError, Registry},
+    history,
+};
+
+/// How this process runs workers. Defaults are the production defaults.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    pub queues: Vec<QueueName>,
+    /// Attempts running at once, per queue.
+    pub concurrency: usize,
+    /// Jobs fetched ahead of need, per queue.
+    pub prefetch: usize,
+    /// Visibility timeout: a job held by a worker that stops renewing comes back after this.
+    pub lease: Duration,
+    /// How long running jobs may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Prefix of this process's worker names (unique names are derived from it).
+    pub name: String,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            queues: jobs::queue::BUILTIN_QUEUES.iter().map(|q| QueueName::parse(q).expect("valid")).collect(),
+            concurrency: 50,
+            prefetch: 100,
+            lease: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            name: default_name(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "local".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Runs workers for every configured queue until `shutdown` resolves, then stops fetching,
+/// lets running attempts finish within the grace period, returns prefetched jobs to the broker
+/// and flushes acknowledgements.
+pub async fn run(
+    broker: Arc<dyn Producer>,
+    catalog: Arc<Catalog>,
+    registry: Arc<Registry>,
+    deps: Arc<Deps>,
+    history: Option<HistoryWriter>,
+    settings: WorkerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut monitor = Monitor::new().shutdown_timeout(settings.shutdown_grace);
+    for queue in &settings.queues {
+        let worker: Arc<str> = format!("{}-{}-{}", settings.name, queue, &jobs::JobId::new().to_string()[24..]).into();
+        let cfg = ConsumerConfig {
+            worker: worker.clone(),
+            prefetch: settings.prefetch,
+            lease: settings.lease,
+            ..ConsumerConfig::default()
+        };
+        let driver = broker
+            .driver(queue, &cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting a consumer on queue {queue}: {e}"))?;
+        let service = AttemptService {
+            catalog: catalog.clone(),
+            registry: registry.clone(),
+            deps: deps.clone(),
+            history: history.clone(),
+            worker: worker.clone(),
+        };
+        let queue = queue.clone();
+        let concurrency = settings.concurrency.max(1);
+        monitor = monitor.register(move |_restart| {
+            WorkerBuilder::new(&*worker)
+                .backend(QueueBackend::new(queue.clone(), driver.clone(), cfg.clone()))
+                .concurrency(concurrency)
+                .build(service.clone())
+        });
+    }
+    tracing::info!(queues = ?settings.queues, concurrency = settings.concurrency, "workers started");
+    monitor
+        .run_with_signal(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: finishing running jobs");
+            Ok(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("worker monitor: {e}"))?;
+    tracing::info!("workers stopped");
+    Ok(())
+}
+
+/// Runs one attempt and decides its [`Outcome`].
+#[derive(Clone)]
+pub struct AttemptService {
+    catalog: Arc<Catalog>,
+    registry: Arc<Registry>,
+    deps: Arc<Deps>,
+    history: Option<HistoryWriter>,
+    worker: Arc<str>,
+}
+
+impl tower::Service<Task<JobRef>> for AttemptService {
+    type Response = Outcome;
+    type Error = BoxDynError;
+    type Future = BoxFuture<'static, Result<Outcome, BoxDynError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, task: Task<JobRef>) -> Self::Future {
+        let this = self.clone();
+        let job = task.args;
+        let span = tracing::info_span!(
+            "job",
+            job.id = %job.id,
+            job.kind = %job.kind,
+            queue = %job.queue,
+            attempt = job.attempt,
+            trace_id = job.trace_id.as_deref().unwrap_or(""),
+        );
+        Box::pin(async move { Ok(this.attempt(job).await) }.instrument(span))
+    }
+}
+
+impl AttemptService {
+    async fn attempt(&self, job: JobRef) -> Outcome {
+        let started = now_ms();
+        if let Some(h) = &self.history {
+            history::started(h, &job, &self.worker, started);
+        }
+        metrics::histogram!("drover_job_wait_seconds", "queue" => job.queue.to_string())
+            .record((started - job.run_at_ms.unwrap_or(job.enqueued_at_ms).max(job.enqueued_at_ms)).max(0) as f64 / 1e3);
+        let clock = std::time::Instant::now();
+        let result = self.execute(&job).await;
+        let elapsed = clock.elapsed();
+        let outcome = self.decide(&job, result);
+        let finished = now_ms();
+        match &outcome {
+            Outcome::Succeeded => tracing::debug!(elapsed_ms = elapsed.as_millis() as u64, "job succeeded"),
+            Outcome::Retry { error, at_ms, .. } => {
+                tracing::warn!(error = %error, retry_in_ms = at_ms - finished, "attempt failed; will retry")
+            }
+            Outcome::Dead { error, .. } => tracing::error!(error = %error, "job failed for good: moved to the dead set"),
+        }
+        let labels = [("queue", job.queue.to_string()), ("kind", job.kind.to_string())];
+        metrics::histogram!("drover_job_duration_seconds", &labels).record(elapsed.as_secs_f64());
+        let result_label = match &outcome {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Retry { .. } => "retried",
+            Outcome::Dead { .. } => "dead",
+        };
+        metrics::counter!("drover_jobs_completed_total", "queue" => job.queue.to_string(), "kind" => job.kind.to_string(), "outcome" => result_label).increment(1);
+        if let Some(h) = &self.history {
+            history::finished(h, &job, &self.worker, started, finished, &outcome);
+        }
+        outcome
+    }
+
+    /// Runs the handler under the kind's timeout, with panics turned into failures.
+    async fn execute(&self, job: &JobRef) -> Result<(), (AttemptOutcome, JobError)> {
+        let Some(handler) = self.registry.get(&job.kind) else {
+            return Err((AttemptOutcome::Failed, JobError::permanent(format!("no handler for kind {:?} in this worker", job.kind))));
+        };
+        let timeout = self.catalog.get(&job.kind).map_or(Duration::from_secs(300), |k| k.timeout);
+        let run = AssertUnwindSafe(handler(job.clone(), self.deps.clone())).catch_unwind();
+        match tokio::time::timeout(timeout, run).await {
+            Err(_) => Err((AttemptOutcome::TimedOut, JobError::retryable(format!("timed out after {} ms", timeout.as_millis())))),
+            Ok(Err(panic)) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err((AttemptOutcome::Panicked, JobError::retryable(format!("panicked: {msg}"))))
+            }
+            Ok(Ok(Err(e))) => Err((AttemptOutcome::Failed, e)),
+            Ok(Ok(Ok(()))) => Ok(()),
+        }
+    }
+
+    fn decide(&self, job: &Job, result: Result<(), (AttemptOutcome, JobError)>) -> Outcome {
+        let (how, err) = match result {
+            Ok(()) => return Outcome::Succeeded,
+            Err(e) => e,
+        };
+        match err {
+            JobError::Permanent(error) => Outcome::Dead { error, how },
+            JobError::Retryable(error) => {
+                let policy = self.catalog.get(&job.kind).map(|k| k.retry.clone()).unwrap_or_default();
+                match policy.delay_after(job.attempt, job.max_attempts) {
+                    Some(delay) => Outcome::Retry { at_ms: now_ms() + delay.as_millis() as i64, error, how },
+                    None => Outcome::Dead { error, how },
+                }
+            }
+        }
+    }
+}
