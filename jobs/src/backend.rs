@@ -124,7 +124,7 @@ impl QueueBackend {
                 let _ = f.await;
             }
             if let Some(r) = renewer {
-                r.abort();
+                let _ = r.await;
             }
             Ok(())
         })
@@ -186,9 +186,11 @@ async fn renew_loop(driver: Arc<dyn Driver>, mut stop: watch::Receiver<bool>, he
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
+        // Stop is only signalled from `poll_close`, after every running attempt has finished,
+        // so nothing still needs its lease; a dropped backend stops the renewer too.
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.changed() => {}
+            res = stop.changed() => if res.is_err() || *stop.borrow() { return },
         }
         let ids: Vec<JobId> = held.lock().expect("held set poisoned").iter().copied().collect();
         if !ids.is_empty()

@@ -1,0 +1,7 @@
+//! One module per table. Statuses and outcomes are plain strings here; their meaning lives in
+//! [`crate::history::JobState`] and [`crate::history::AttemptOutcome`].
+
+/// One row per job: its latest known state.
+pub mod job;
+/// One row per attempt at running a job.
+pub mod job_attempt;

@@ -1,0 +1,306 @@
+//! The background writer that turns many small `record` calls into few batched writes.
+//!
+//! Recording must never slow a job down or fail it, so [`HistoryWriter::record`] only tries to
+//! queue the event: when the queue is full it drops the event and counts it. One task per process
+//! drains the queue into [`apply_batch`]. While the database is unreachable that task keeps its
+//! current batch and retries with backoff; new events wait in the queue until it is full.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sea_orm::DatabaseConnection;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::{HistoryEvent, apply_batch};
+
+/// Tuning for [`HistoryWriter`]; the defaults suit a worker process.
+#[derive(Clone, Debug)]
+pub struct HistoryConfig {
+    /// Events queued before `record` starts dropping them. Default 65 536, about a minute of
+    /// a busy worker's events, held in memory while the database is away.
+    pub capacity: usize,
+    /// Most events written per transaction. Default 1000.
+    pub max_batch: usize,
+    /// Longest an event waits for its batch to fill before being written. Default 50 ms.
+    pub flush_interval: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            capacity: 65_536,
+            max_batch: 1000,
+            flush_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// First wait after a failed write; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// At most one "dropping events" warning per this long, however many are dropped.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+enum Command {
+    Record(HistoryEvent),
+    /// Write everything received so far, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle for recording job events. See the module docs.
+#[derive(Clone, Debug)]
+pub struct HistoryWriter {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// Owns the background task; call [`HistoryTask::shutdown`] when the process stops.
+#[derive(Debug)]
+pub struct HistoryTask {
+    stop: oneshot::Sender<Instant>,
+    handle: JoinHandle<usize>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dropped: AtomicU64,
+    /// Events the task holds but has not written yet.
+    unflushed: AtomicUsize,
+    /// Milliseconds after `started` before which no drop warning is logged.
+    quiet_until_ms: AtomicU64,
+    started: Instant,
+}
+
+impl HistoryWriter {
+    /// Starts the background task on the current tokio runtime.
+    pub fn spawn(db: DatabaseConnection, cfg: HistoryConfig) -> (HistoryWriter, HistoryTask) {
+        let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
+        let (stop, stop_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            dropped: AtomicU64::new(0),
+            unflushed: AtomicUsize::new(0),
+            quiet_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        let flusher = Flusher {
+            db,
+            rx,
+            buffer: Vec::new(),
+            max_batch: cfg.max_batch.max(1),
+            stop: Some(stop_rx),
+            deadline: None,
+            shared: shared.clone(),
+        };
+        let handle = tokio::spawn(flusher.run(cfg.flush_interval));
+        let task = HistoryTask {
+            stop,
+            handle,
+            shared: shared.clone(),
+        };
+        (HistoryWriter { tx, shared }, task)
+    }
+
+    /// Queues an event without waiting. If the queue is full (the database has been away for
+    /// a while) or the writer has shut down, the event is dropped and counted in
+    /// [`dropped`](Self::dropped).
+    pub fn record(&self, event: HistoryEvent) {
+        if let Err(error) = self.tx.try_send(Command::Record(event)) {
+            let total = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let reason = match error {
+                mpsc::error::TrySendError::Full(_) => "the history queue is full",
+                mpsc::error::TrySendError::Closed(_) => "the history writer has shut down",
+            };
+            self.shared.warn_dropped(reason, total);
+        }
+    }
+
+    /// Events dropped since the writer started.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Events recorded but not written yet.
+    pub fn lag(&self) -> usize {
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        queued + self.shared.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every event recorded before this call is written (for as long as that takes
+    /// if the database is away). Returns at once if the writer has shut down.
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.tx.send(Command::Flush(done)).await.is_ok() {
+            // An error means the task gave up at shutdown: nothing more to wait for.
+            let _ = written.await;
+        }
+    }
+}
+
+impl HistoryTask {
+    /// Stops taking events, writes what remains (retrying until `timeout`), and returns how
+    /// many events could not be written.
+    pub async fn shutdown(self, timeout: Duration) -> usize {
+        // Fails only if the task already ended, which `handle` reports below.
+        let _ = self.stop.send(Instant::now() + timeout);
+        match self.handle.await {
+            Ok(unwritten) => unwritten,
+            Err(error) => {
+                tracing::error!(error = %error, "job history task failed");
+                self.shared.unflushed.load(Ordering::Relaxed)
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn warn_dropped(&self, reason: &'static str, total: u64) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let quiet_until = self.quiet_until_ms.load(Ordering::Relaxed);
+        let next = now.saturating_add(DROP_WARNING_EVERY.as_secs() * 1000);
+        // Whoever wins the exchange warns; everyone else within the window stays quiet.
+        if now >= quiet_until
+            && self
+                .quiet_until_ms
+                .compare_exchange(quiet_until, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(reason, dropped_total = total, "dropping job history events");
+        }
+    }
+}
+
+/// The background task's state.
+struct Flusher {
+    db: DatabaseConnection,
+    rx: mpsc::Receiver<Command>,
+    buffer: Vec<HistoryEvent>,
+    max_batch: usize,
+    /// Fires with the shutdown deadline; `None` once received or once the `HistoryTask` is gone.
+    stop: Option<oneshot::Receiver<Instant>>,
+    /// Set by shutdown: give up writing after this.
+    deadline: Option<Instant>,
+    shared: Arc<Shared>,
+}
+
+impl Flusher {
+    async fn run(mut self, flush_interval: Duration) -> usize {
+        let mut tick = tokio::time::interval(flush_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        while self.deadline.is_none() {
+            tokio::select! {
+                deadline = stop_signal(&mut self.stop) => self.deadline = Some(deadline),
+                command = self.rx.recv() => match command {
+                    Some(command) => {
+                        self.handle(command).await;
+                    }
+                    // Every `HistoryWriter` is gone: write what is left, however long it takes.
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.write().await;
+                }
+            }
+        }
+        self.drain().await
+    }
+
+    /// Returns false once the shutdown deadline has passed with events unwritten.
+    async fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Record(event) => {
+                self.buffer.push(event);
+                self.shared.unflushed.store(self.buffer.len(), Ordering::Relaxed);
+                self.buffer.len() < self.max_batch || self.write().await
+            }
+            Command::Flush(done) => {
+                let written = self.write().await;
+                // The caller may have stopped waiting; nothing to do then.
+                let _ = done.send(());
+                written
+            }
+        }
+    }
+
+    /// Writes the buffer, retrying with backoff until it succeeds or the shutdown deadline
+    /// passes. Returns whether the buffer is now empty.
+    async fn write(&mut self) -> bool {
+        let mut backoff = MIN_BACKOFF;
+        while !self.buffer.is_empty() {
+            let result = tokio::select! {
+                result = apply_batch(&self.db, &self.buffer) => result,
+                () = deadline_passed(&mut self.stop, &mut self.deadline) => return false,
+            };
+            match result {
+                Ok(()) => {
+                    self.buffer.clear();
+                    self.shared.unflushed.store(0, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        events = self.buffer.len(),
+                        retry_in = ?backoff,
+                        "writing job history failed; keeping the batch"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = deadline_passed(&mut self.stop, &mut self.deadline) => return false,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        true
+    }
+
+    /// Takes no more events and writes the ones already queued; returns how many it could not.
+    async fn drain(mut self) -> usize {
+        self.rx.close();
+        while let Some(command) = self.rx.recv().await {
+            if !self.handle(command).await {
+                return self.abandon().await;
+            }
+        }
+        if self.write().await {
+            0
+        } else {
+            self.abandon().await
+        }
+    }
+
+    async fn abandon(mut self) -> usize {
+        let mut unwritten = self.buffer.len();
+        while let Some(command) = self.rx.recv().await {
+            if let Command::Record(_) = command {
+                unwritten += 1;
+            }
+        }
+        tracing::warn!(unwritten, "job history writer stopped with events unwritten");
+        unwritten
+    }
+}
+
+/// Resolves with the shutdown deadline; never, if the `HistoryTask` was dropped without one.
+async fn stop_signal(stop: &mut Option<oneshot::Receiver<Instant>>) -> Instant {
+    if let Some(rx) = stop {
+        let signal = rx.await;
+        *stop = None;
+        if let Ok(deadline) = signal {
+            return deadline;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Resolves once the shutdown deadline has passed, taking it from `stop` when it arrives.
+async fn deadline_passed(stop: &mut Option<oneshot::Receiver<Instant>>, deadline: &mut Option<Instant>) {
+    let at = match *deadline {
+        Some(at) => at,
+        None => *deadline.insert(stop_signal(stop).await),
+    };
+    tokio::time::sleep_until(at).await;
+}

@@ -1,0 +1,14 @@
+//! Migrations run in file-name order. A migration that has shipped is never edited: add a new one.
+
+use sea_orm_migration::{MigrationTrait, MigratorTrait};
+
+mod m20261123_000001_job_history;
+
+/// Every migration this build knows, oldest first.
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_job_history::Migration)]
+    }
+}

@@ -1,0 +1,31 @@
+use schema::DbError;
+
+use crate::support::{with_empty_databases, with_migrated_databases};
+
+#[tokio::test]
+async fn a_migrated_database_passes_the_startup_check() {
+    with_migrated_databases(|db| async move {
+        schema::ensure_migrated(&db).await.expect("migrated");
+        // Running it again is a no-op, as `drover migrate` on every deploy expects.
+        schema::migrate(&db).await.expect("migrate twice");
+        schema::ensure_migrated(&db).await.expect("still migrated");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_empty_database_is_refused_with_the_command_that_fixes_it() {
+    with_empty_databases(|db| async move {
+        let error = schema::ensure_migrated(&db).await.expect_err("not migrated");
+        let DbError::NotMigrated { pending } = &error else {
+            panic!("expected NotMigrated, got {error:?}");
+        };
+        assert_eq!(pending, &["m20261123_000001_job_history"]);
+        assert_eq!(
+            error.to_string(),
+            "database is not migrated (1 pending migrations: m20261123_000001_job_history); \
+             run `drover migrate`"
+        );
+    })
+    .await;
+}
