@@ -26,20 +26,35 @@ pub enum Migrations {
 }
 
 impl Stack {
-    pub async fn connect(conn: &Connections, catalog: Catalog, migrations: Migrations) -> anyhow::Result<Self> {
-        let db = schema::connect(conn.database_url.expose()).await.context("connecting to the database")?;
+    pub async fn connect(
+        conn: &Connections,
+        catalog: Catalog,
+        migrations: Migrations,
+    ) -> anyhow::Result<Self> {
+        let db = schema::connect(conn.database_url.expose())
+            .await
+            .context("connecting to the database")?;
         match migrations {
             Migrations::Apply => schema::migrate(&db).await.context("migrating the database")?,
             Migrations::Require => schema::ensure_migrated(&db).await?,
         }
         let broker = jobs::broker::connect(
             conn.broker_url.expose(),
-            BrokerOptions { prefix: conn.broker_prefix.clone(), db: db.clone() },
+            BrokerOptions {
+                prefix: conn.broker_prefix.clone(),
+                db: db.clone(),
+            },
         )
         .await
         .context("connecting to the broker")?;
         let (history, history_task) = HistoryWriter::spawn(db.clone(), HistoryConfig::default());
-        Ok(Self { db, broker, catalog: Arc::new(catalog), history, history_task })
+        Ok(Self {
+            db,
+            broker,
+            catalog: Arc::new(catalog),
+            history,
+            history_task,
+        })
     }
 
     /// Flushes the job history still in memory (bounded by `timeout`).
@@ -61,10 +76,12 @@ pub async fn serve_api(
         stack.broker.clone(),
         stack.db.clone(),
         stack.catalog.clone(),
-        Some(stack.history.clone()),
         api::install_metrics(),
-    );
-    api::serve(listener, state, shutdown).await.context("serving the API")
+    )
+    .with_history(stack.history.clone());
+    api::serve(listener, state, shutdown)
+        .await
+        .context("serving the API")
 }
 
 pub fn bind(args: &ApiArgs) -> anyhow::Result<std::net::TcpListener> {
@@ -109,7 +126,10 @@ pub async fn shutdown_signal() {
 }
 
 /// A shutdown signal that several tasks can wait on.
-pub fn broadcast_shutdown() -> (tokio::sync::watch::Sender<bool>, impl Fn() -> futures::future::BoxFuture<'static, ()> + Clone) {
+pub fn broadcast_shutdown() -> (
+    tokio::sync::watch::Sender<bool>,
+    impl Fn() -> futures::future::BoxFuture<'static, ()> + Clone,
+) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = move || {
         let mut rx = rx.clone();

@@ -118,7 +118,8 @@ pub struct RetryArgs {
 pub fn catalog(conn: &Connections, retry: &RetryArgs) -> anyhow::Result<jobs::Catalog> {
     let mut cfg = match &conn.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             toml::from_str::<CatalogConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
         }
         None => CatalogConfig::default(),
@@ -135,7 +136,9 @@ pub fn catalog(conn: &Connections, retry: &RetryArgs) -> anyhow::Result<jobs::Ca
         p.initial_ms = retry.retry_initial_ms.unwrap_or(p.initial_ms);
         p.multiplier = retry.retry_multiplier.unwrap_or(p.multiplier);
         p.max_delay_ms = retry.retry_max_delay_ms.unwrap_or(p.max_delay_ms);
-        p.jitter = retry.retry_jitter.unwrap_or(if p == d { d.jitter } else { p.jitter });
+        p.jitter = retry
+            .retry_jitter
+            .unwrap_or(if p == d { d.jitter } else { p.jitter });
         cfg.default_retry = Some(p);
     }
     Ok(jobs::Catalog::new(&cfg))

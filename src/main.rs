@@ -11,7 +11,11 @@ use drover::{
 };
 
 #[derive(Parser)]
-#[command(name = "drover", version, about = "A job platform: HTTP API, queues, workers, schedules")]
+#[command(
+    name = "drover",
+    version,
+    about = "A job platform: HTTP API, queues, workers, schedules"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,7 +82,11 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     if json {
-        fmt().json().with_env_filter(filter).with_current_span(true).init();
+        fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(true)
+            .init();
     } else {
         fmt().with_env_filter(filter).init();
     }
@@ -88,7 +96,12 @@ fn init_logging() {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
-        Command::Dev { conn, api, worker, retry } => {
+        Command::Dev {
+            conn,
+            api,
+            worker,
+            retry,
+        } => {
             let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Apply).await?;
             let listener = app::bind(&api)?;
             let addr = listener.local_addr()?;
@@ -115,28 +128,44 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Worker { conn, worker, retry } => {
             let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
-            let res = app::run_workers(&stack, &worker, workers::Deps::default(), app::shutdown_signal()).await;
+            let res =
+                app::run_workers(&stack, &worker, workers::Deps::default(), app::shutdown_signal()).await;
             stack.close(Duration::from_secs(5)).await;
             res
         }
         Command::Migrate { conn } => {
-            let db = schema::connect(conn.database_url.expose()).await.context("connecting to the database")?;
+            let db = schema::connect(conn.database_url.expose())
+                .await
+                .context("connecting to the database")?;
             schema::migrate(&db).await.context("migrating")?;
             println!("database migrated");
             Ok(())
         }
-        Command::Enqueue { conn, retry, kind, payload, queue, delay_s } => {
+        Command::Enqueue {
+            conn,
+            retry,
+            kind,
+            payload,
+            queue,
+            delay_s,
+        } => {
             let catalog = config::catalog(&conn, &retry)?;
-            let raw = serde_json::value::RawValue::from_string(payload).context("the payload is not valid JSON")?;
+            let raw =
+                serde_json::value::RawValue::from_string(payload).context("the payload is not valid JSON")?;
             let spec = catalog.validate(&kind, &raw)?;
             let queue = match queue {
                 Some(q) => jobs::QueueName::parse(&q)?,
                 None => catalog.default_queue(spec),
             };
-            let db = schema::connect(conn.database_url.expose()).await.context("connecting to the database")?;
+            let db = schema::connect(conn.database_url.expose())
+                .await
+                .context("connecting to the database")?;
             let broker = jobs::broker::connect(
                 conn.broker_url.expose(),
-                jobs::BrokerOptions { prefix: conn.broker_prefix.clone(), db },
+                jobs::BrokerOptions {
+                    prefix: conn.broker_prefix.clone(),
+                    db,
+                },
             )
             .await?;
             let now = jobs::job::now_ms();

@@ -57,7 +57,10 @@ pub struct QueueBackend {
 
 impl std::fmt::Debug for QueueBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueBackend").field("queue", &self.queue).field("worker", &self.cfg.worker).finish()
+        f.debug_struct("QueueBackend")
+            .field("queue", &self.queue)
+            .field("worker", &self.cfg.worker)
+            .finish()
     }
 }
 
@@ -67,10 +70,21 @@ impl QueueBackend {
         let (tx, jobs) = mpsc::channel(cfg.prefetch.max(1));
         let (stop, stop_rx) = watch::channel(false);
         let held: Held = Arc::default();
-        let fetcher = tokio::spawn(fetch_loop(driver.clone(), tx, stop_rx.clone(), held.clone(), cfg.clone()));
-        let renewer = tokio::spawn(renew_loop(driver.clone(), stop_rx, held.clone(), cfg.lease / 3));
+        let fetcher = tokio::spawn(fetch_loop(
+            driver.clone(),
+            tx,
+            stop_rx.clone(),
+            held.clone(),
+            cfg.clone(),
+        ));
+        let renewer = tokio::spawn(renew_loop(
+            driver.clone(),
+            stop_rx.clone(),
+            held.clone(),
+            cfg.lease / 3,
+        ));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let flusher = tokio::spawn(settle_loop(driver.clone(), settle_rx, held.clone()));
+        let flusher = tokio::spawn(settle_loop(driver.clone(), settle_rx, stop_rx, held.clone()));
         Self {
             queue,
             cfg,
@@ -95,7 +109,6 @@ impl QueueBackend {
         let fetcher = self.fetcher.take();
         let renewer = self.renewer.take();
         let flusher = self.flusher.take();
-        // Dropping the sender lets the flusher finish once every in-flight settlement is sent.
         drop(self.settle_tx.take());
         let driver = self.driver.clone();
         let held = self.held.clone();
@@ -118,7 +131,12 @@ impl QueueBackend {
                     }
                 }
                 tracing::debug!(count = unstarted.len(), "releasing prefetched jobs");
-                retry_forever("release", || driver.release(unstarted.clone()), Duration::from_secs(10)).await?;
+                retry_forever(
+                    "release",
+                    || driver.release(unstarted.clone()),
+                    Duration::from_secs(10),
+                )
+                .await?;
             }
             if let Some(f) = flusher {
                 let _ = f.await;
@@ -156,7 +174,9 @@ async fn fetch_loop(
                 if batch.is_empty() {
                     continue;
                 }
-                held.lock().expect("held set poisoned").extend(batch.iter().map(|j| j.id));
+                held.lock()
+                    .expect("held set poisoned")
+                    .extend(batch.iter().map(|j| j.id));
                 for job in batch {
                     // Capacity was reserved above and only this task sends.
                     if let Err(e) = tx.try_send(job) {
@@ -201,20 +221,47 @@ async fn renew_loop(driver: Arc<dyn Driver>, mut stop: watch::Receiver<bool>, he
     }
 }
 
-async fn settle_loop(driver: Arc<dyn Driver>, mut rx: mpsc::UnboundedReceiver<Settlement>, held: Held) {
+async fn settle_loop(
+    driver: Arc<dyn Driver>,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    mut stop: watch::Receiver<bool>,
+    held: Held,
+) {
     let mut buf = Vec::with_capacity(1024);
-    while rx.recv_many(&mut buf, 1024).await > 0 {
-        let batch = std::mem::take(&mut buf);
-        // A settlement is never dropped: at-least-once means a lost ack would rerun the job,
-        // a lost retry or dead-set move would lose the job's fate. Keep trying.
-        if retry_forever("settle", || driver.settle(batch.clone()), Duration::from_secs(u64::MAX / 4))
+    loop {
+        // `stop` comes from `poll_close`, which apalis calls only after every running attempt
+        // has finished and sent its settlement: what is in the channel then is the last of it.
+        // (The senders themselves live in the worker's service until after the close.)
+        let closing = tokio::select! {
+            n = rx.recv_many(&mut buf, 1024) => n == 0,
+            res = stop.changed() => {
+                if res.is_ok() && !*stop.borrow() { continue }
+                while let Ok(s) = rx.try_recv() {
+                    buf.push(s);
+                }
+                true
+            }
+        };
+        if !buf.is_empty() {
+            let batch = std::mem::take(&mut buf);
+            // A settlement is never dropped: a lost ack would rerun the job, a lost retry or
+            // dead-set move would lose the job's fate. Keep trying.
+            if retry_forever(
+                "settle",
+                || driver.settle(batch.clone()),
+                Duration::from_secs(u64::MAX / 4),
+            )
             .await
             .is_ok()
-        {
-            let mut held = held.lock().expect("held set poisoned");
-            for s in &batch {
-                held.remove(&s.job.id);
+            {
+                let mut held = held.lock().expect("held set poisoned");
+                for s in &batch {
+                    held.remove(&s.job.id);
+                }
             }
+        }
+        if closing {
+            return;
         }
     }
 }
@@ -248,11 +295,19 @@ impl Backend for QueueBackend {
     type Task = Task<JobRef>;
     type Error = BrokerError;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
         if self.closing.is_some() {
             return Poll::Ready(None);
         }
@@ -284,7 +339,10 @@ impl BackendConfig for QueueBackend {
 
     fn middleware(&mut self, _worker: &mut WorkerContext) -> Self::Layer {
         SettleLayer {
-            tx: self.settle_tx.clone().expect("middleware is taken before the backend closes"),
+            tx: self
+                .settle_tx
+                .clone()
+                .expect("middleware is taken before the backend closes"),
             worker: self.cfg.worker.clone(),
         }
     }
@@ -302,7 +360,11 @@ pub struct SettleLayer {
 impl<S> Layer<S> for SettleLayer {
     type Service = SettleService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        SettleService { inner, tx: self.tx.clone(), worker: self.worker.clone() }
+        SettleService {
+            inner,
+            tx: self.tx.clone(),
+            worker: self.worker.clone(),
+        }
     }
 }
 
@@ -339,9 +401,16 @@ where
                 Err(e) => {
                     let error = e.into().to_string();
                     if job.attempt >= job.max_attempts {
-                        Outcome::Dead { error, how: AttemptOutcome::Failed }
+                        Outcome::Dead {
+                            error,
+                            how: AttemptOutcome::Failed,
+                        }
                     } else {
-                        Outcome::Retry { at_ms: now_ms() + 1_000, error, how: AttemptOutcome::Failed }
+                        Outcome::Retry {
+                            at_ms: now_ms() + 1_000,
+                            error,
+                            how: AttemptOutcome::Failed,
+                        }
                     }
                 }
             };

@@ -131,9 +131,13 @@ impl Catalog {
 
     /// Checks that `kind` exists and `payload` decodes into its typed payload.
     pub fn validate(&self, kind: &str, payload: &RawValue) -> Result<&KindSpec, CatalogError> {
-        let spec = self.get(kind).ok_or_else(|| CatalogError::UnknownKind(kind.to_owned()))?;
-        (spec.validate)(payload)
-            .map_err(|reason| CatalogError::InvalidPayload { kind: kind.to_owned(), reason })?;
+        let spec = self
+            .get(kind)
+            .ok_or_else(|| CatalogError::UnknownKind(kind.to_owned()))?;
+        (spec.validate)(payload).map_err(|reason| CatalogError::InvalidPayload {
+            kind: kind.to_owned(),
+            reason,
+        })?;
         Ok(spec)
     }
 
@@ -159,19 +163,55 @@ mod tests {
     #[test]
     fn unknown_kinds_and_unknown_fields_are_rejected() {
         let c = Catalog::default();
-        assert_eq!(c.validate("nope", &raw("{}")).unwrap_err(), CatalogError::UnknownKind("nope".into()));
-        assert!(matches!(c.validate("noop", &raw(r#"{"x":1}"#)), Err(CatalogError::InvalidPayload { .. })));
-        assert!(matches!(c.validate("sleep", &raw(r#"{"ms":-1}"#)), Err(CatalogError::InvalidPayload { .. })));
-        assert!(matches!(c.validate("sleep", &raw(r#"{"ms":99999999}"#)), Err(CatalogError::InvalidPayload { .. })));
-        assert_eq!(c.validate("sleep", &raw(r#"{"ms":5,"fail_first":2}"#)).unwrap().queue, "default");
+        assert_eq!(
+            c.validate("nope", &raw("{}")).unwrap_err(),
+            CatalogError::UnknownKind("nope".into())
+        );
+        assert!(matches!(
+            c.validate("noop", &raw(r#"{"x":1}"#)),
+            Err(CatalogError::InvalidPayload { .. })
+        ));
+        assert!(matches!(
+            c.validate("sleep", &raw(r#"{"ms":-1}"#)),
+            Err(CatalogError::InvalidPayload { .. })
+        ));
+        assert!(matches!(
+            c.validate("sleep", &raw(r#"{"ms":99999999}"#)),
+            Err(CatalogError::InvalidPayload { .. })
+        ));
+        assert_eq!(
+            c.validate("sleep", &raw(r#"{"ms":5,"fail_first":2}"#))
+                .unwrap()
+                .queue,
+            "default"
+        );
     }
 
     #[test]
     fn a_kind_override_wins_over_its_queue_and_the_default() {
-        let mut cfg = CatalogConfig::default();
-        cfg.default_retry = Some(RetryPolicy { max_attempts: 9, ..Default::default() });
-        cfg.retry.insert("default".into(), RetryPolicy { max_attempts: 4, ..Default::default() });
-        cfg.retry.insert("sleep".into(), RetryPolicy { max_attempts: 2, ..Default::default() });
+        let mut retry = HashMap::new();
+        retry.insert(
+            "default".into(),
+            RetryPolicy {
+                max_attempts: 4,
+                ..Default::default()
+            },
+        );
+        retry.insert(
+            "sleep".into(),
+            RetryPolicy {
+                max_attempts: 2,
+                ..Default::default()
+            },
+        );
+        let cfg = CatalogConfig {
+            retry,
+            default_retry: Some(RetryPolicy {
+                max_attempts: 9,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let c = Catalog::new(&cfg);
         assert_eq!(c.get("sleep").unwrap().retry.max_attempts, 2);
         assert_eq!(c.get("noop").unwrap().retry.max_attempts, 9);

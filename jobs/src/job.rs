@@ -89,9 +89,16 @@ fn is_zero_u32(v: &u32) -> bool {
 pub enum Outcome {
     Succeeded,
     /// Failed; run again at `at_ms` (epoch milliseconds).
-    Retry { at_ms: i64, error: String, how: AttemptOutcome },
+    Retry {
+        at_ms: i64,
+        error: String,
+        how: AttemptOutcome,
+    },
     /// Failed for the last time, or with an error retrying cannot fix: keep it in the dead set.
-    Dead { error: String, how: AttemptOutcome },
+    Dead {
+        error: String,
+        how: AttemptOutcome,
+    },
 }
 
 impl Outcome {

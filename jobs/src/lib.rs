@@ -19,7 +19,9 @@ pub mod queue;
 pub mod retry;
 
 pub use backend::{JobRef, QueueBackend};
-pub use broker::{BrokerError, BrokerOptions, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+pub use broker::{
+    BrokerError, BrokerOptions, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats,
+};
 pub use catalog::{Catalog, CatalogConfig, CatalogError, KindSpec};
 pub use job::{Job, JobId, JobRecord, JobState, Outcome, Settlement};
 pub use queue::QueueName;

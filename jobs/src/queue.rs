@@ -21,7 +21,10 @@ pub struct InvalidQueueName {
 
 impl QueueName {
     pub fn parse(name: &str) -> Result<Self, InvalidQueueName> {
-        let invalid = |reason| InvalidQueueName { name: name.to_owned(), reason };
+        let invalid = |reason| InvalidQueueName {
+            name: name.to_owned(),
+            reason,
+        };
         if name.is_empty() || name.len() > 64 {
             return Err(invalid("must be 1 to 64 characters long"));
         }

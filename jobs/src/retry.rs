@@ -24,7 +24,13 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { initial_ms: 1_000, multiplier: 2.0, max_delay_ms: 300_000, max_attempts: 5, jitter: 0.2 }
+        Self {
+            initial_ms: 1_000,
+            multiplier: 2.0,
+            max_delay_ms: 300_000,
+            max_attempts: 5,
+            jitter: 0.2,
+        }
     }
 }
 
@@ -68,9 +74,16 @@ mod tests {
 
     #[test]
     fn delays_grow_by_the_multiplier_up_to_the_cap() {
-        let p = RetryPolicy { initial_ms: 100, multiplier: 3.0, max_delay_ms: 1_000, max_attempts: 10, jitter: 0.0 };
-        let delays: Vec<u64> =
-            (1..=5).map(|a| p.delay_after(a, 10).unwrap().as_millis() as u64).collect();
+        let p = RetryPolicy {
+            initial_ms: 100,
+            multiplier: 3.0,
+            max_delay_ms: 1_000,
+            max_attempts: 10,
+            jitter: 0.0,
+        };
+        let delays: Vec<u64> = (1..=5)
+            .map(|a| p.delay_after(a, 10).unwrap().as_millis() as u64)
+            .collect();
         assert_eq!(delays, [100, 300, 900, 1_000, 1_000]);
     }
 
@@ -83,12 +96,21 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_its_band() {
-        let p = RetryPolicy { initial_ms: 1_000, multiplier: 2.0, max_delay_ms: 60_000, max_attempts: 9, jitter: 0.25 };
+        let p = RetryPolicy {
+            initial_ms: 1_000,
+            multiplier: 2.0,
+            max_delay_ms: 60_000,
+            max_attempts: 9,
+            jitter: 0.25,
+        };
         for attempt in 1..8 {
             let nominal = p.nominal_delay_after(attempt).as_secs_f64();
             for _ in 0..200 {
                 let d = p.delay_after(attempt, 9).unwrap().as_secs_f64();
-                assert!(d >= nominal * 0.75 - 1e-3 && d <= nominal * 1.25 + 1e-3, "{d} vs {nominal}");
+                assert!(
+                    d >= nominal * 0.75 - 1e-3 && d <= nominal * 1.25 + 1e-3,
+                    "{d} vs {nominal}"
+                );
             }
         }
     }

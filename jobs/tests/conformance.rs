@@ -29,11 +29,18 @@ enum Kind {
 async fn env(kind: Kind) -> Env {
     let prefix = format!("c{}", uuid::Uuid::new_v4().simple());
     let db_path = std::env::temp_dir().join(format!("{prefix}-history.db"));
-    let db = schema::connect(&format!("sqlite://{}", db_path.display())).await.unwrap();
+    let db = schema::connect(&format!("sqlite://{}", db_path.display()))
+        .await
+        .unwrap();
     schema::migrate(&db).await.unwrap();
     let (url, extra): (String, Option<std::path::PathBuf>) = match kind {
         Kind::Redis => {
-            require("Redis", "127.0.0.1:6379", "redis-server --daemonize yes --port 6379 --save \"\"").await;
+            require(
+                "Redis",
+                "127.0.0.1:6379",
+                "redis-server --daemonize yes --port 6379 --save \"\"",
+            )
+            .await;
             ("redis://127.0.0.1:6379/0".into(), None)
         }
         Kind::Amqp => {
@@ -45,25 +52,73 @@ async fn env(kind: Kind) -> Env {
             (format!("sqlite://{}", p.display()), Some(p))
         }
     };
-    let broker = jobs::broker::connect(&url, BrokerOptions { prefix: prefix.clone(), db }).await.unwrap();
+    let broker = jobs::broker::connect(
+        &url,
+        BrokerOptions {
+            prefix: prefix.clone(),
+            db,
+        },
+    )
+    .await
+    .unwrap();
     let cleanup = Box::new(move || {
         let _ = std::fs::remove_file(&db_path);
         if let Some(p) = extra {
             let _ = std::fs::remove_file(p);
         }
+        if matches!(kind, Kind::Amqp) {
+            let prefix = prefix.clone();
+            // The closure is synchronous; a thread of its own can run the async client.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(delete_amqp_queues(&prefix));
+            })
+            .join();
+        }
         if matches!(kind, Kind::Redis) {
             // Only this test's keys.
             let client = ::redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
             if let Ok(mut c) = client.get_connection() {
-                let keys: Vec<String> =
-                    ::redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut c).unwrap_or_default();
+                let keys: Vec<String> = ::redis::cmd("KEYS")
+                    .arg(format!("{prefix}:*"))
+                    .query(&mut c)
+                    .unwrap_or_default();
                 if !keys.is_empty() {
                     let _: Result<(), _> = ::redis::cmd("DEL").arg(keys).query(&mut c);
                 }
             }
         }
     });
-    Env { broker, queue: QueueName::parse("default").unwrap(), cleanup }
+    Env {
+        broker,
+        queue: QueueName::parse("default").unwrap(),
+        cleanup,
+    }
+}
+
+/// Deletes the queues drover declares for `default` under `prefix`.
+async fn delete_amqp_queues(prefix: &str) {
+    let props = lapin::ConnectionProperties::default();
+    let Ok(conn) = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", props).await else {
+        return;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    let mut names = vec![format!("{prefix}.default"), format!("{prefix}.default.dead")];
+    names.extend((0..=24).map(|k| format!("{prefix}.default.delay.{k}")));
+    for name in names {
+        let _ = ch
+            .queue_delete(
+                name.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = conn.close(0, "done".into()).await;
 }
 
 async fn require(name: &str, addr: &str, how: &str) {
@@ -90,11 +145,20 @@ fn job(q: &QueueName, max_attempts: u32) -> Job {
 }
 
 fn cfg(lease: Duration) -> ConsumerConfig {
-    ConsumerConfig { lease, ..ConsumerConfig::default() }
+    ConsumerConfig {
+        lease,
+        ..ConsumerConfig::default()
+    }
 }
 
 fn settle(job: Job, outcome: Outcome, worker: &ConsumerConfig) -> Settlement {
-    Settlement { job, outcome, worker: worker.worker.clone(), started_at_ms: now_ms(), finished_at_ms: now_ms() }
+    Settlement {
+        job,
+        outcome,
+        worker: worker.worker.clone(),
+        started_at_ms: now_ms(),
+        finished_at_ms: now_ms(),
+    }
 }
 
 /// Fetches until `n` jobs arrived or `within` passed.
@@ -115,14 +179,28 @@ async fn pushed_jobs_are_each_delivered_once_and_acked(kind: Kind) {
     let mut ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
     let res = e.broker.push_batch(jobs).await.unwrap();
     assert_eq!(res.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
-    let got = fetch_n(&d, 1_000, Duration::from_secs(20)).await;
-    let mut seen: Vec<JobId> = got.iter().map(|j| j.id).collect();
-    assert!(got.iter().all(|j| j.attempt == 1));
+    // Settle as batches arrive, as a worker does (RabbitMQ caps unacked deliveries by qos).
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while seen.len() < 1_000 && start.elapsed() < Duration::from_secs(20) {
+        let got = d.fetch(200, Duration::from_millis(200)).await.unwrap();
+        assert!(got.iter().all(|j| j.attempt == 1));
+        seen.extend(got.iter().map(|j| j.id));
+        d.settle(
+            got.into_iter()
+                .map(|j| settle(j, Outcome::Succeeded, &c))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
     seen.sort();
     ids.sort();
     assert_eq!(seen, ids, "every job delivered exactly once");
-    d.settle(got.into_iter().map(|j| settle(j, Outcome::Succeeded, &c)).collect()).await.unwrap();
-    assert!(d.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty(), "nothing delivered twice");
+    assert!(
+        d.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty(),
+        "nothing delivered twice"
+    );
     let s = e.broker.stats(&e.queue).await.unwrap();
     assert_eq!((s.pending, s.dead), (0, 0), "{s:?}");
     (e.cleanup)();
@@ -133,11 +211,21 @@ async fn a_retry_comes_back_at_its_time_with_the_next_attempt_number(kind: Kind)
     let c = cfg(Duration::from_secs(30));
     let d = e.broker.driver(&e.queue, &c).await.unwrap();
     e.broker.push(job(&e.queue, 3)).await.unwrap();
-    let first = fetch_n(&d, 1, Duration::from_secs(5)).await.pop().expect("delivered");
+    let first = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
     let retry_at = now_ms() + 400;
-    let outcome = Outcome::Retry { at_ms: retry_at, error: "boom".into(), how: AttemptOutcome::Failed };
+    let outcome = Outcome::Retry {
+        at_ms: retry_at,
+        error: "boom".into(),
+        how: AttemptOutcome::Failed,
+    };
     d.settle(vec![settle(first.clone(), outcome, &c)]).await.unwrap();
-    let again = fetch_n(&d, 1, Duration::from_secs(5)).await.pop().expect("redelivered");
+    let again = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("redelivered");
     let late = now_ms() - retry_at;
     println!("{kind:?}: retry delivered {late} ms after its time");
     assert!(late >= -5, "retry delivered {} ms early", -late);
@@ -150,8 +238,14 @@ async fn a_job_failing_its_last_attempt_is_dead_and_counted(kind: Kind) {
     let c = cfg(Duration::from_secs(30));
     let d = e.broker.driver(&e.queue, &c).await.unwrap();
     let id = e.broker.push(job(&e.queue, 1)).await.unwrap().id;
-    let j = fetch_n(&d, 1, Duration::from_secs(5)).await.pop().expect("delivered");
-    let dead = Outcome::Dead { error: "bad".into(), how: AttemptOutcome::Failed };
+    let j = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
+    let dead = Outcome::Dead {
+        error: "bad".into(),
+        how: AttemptOutcome::Failed,
+    };
     d.settle(vec![settle(j, dead, &c)]).await.unwrap();
     let start = Instant::now();
     loop {
@@ -159,7 +253,10 @@ async fn a_job_failing_its_last_attempt_is_dead_and_counted(kind: Kind) {
         if s.dead == 1 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "dead job not counted: {s:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "dead job not counted: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(d.fetch(1, Duration::from_millis(300)).await.unwrap().is_empty());
@@ -176,9 +273,15 @@ async fn released_jobs_go_back_unstarted(kind: Kind) {
     let c = cfg(Duration::from_secs(30));
     let d = e.broker.driver(&e.queue, &c).await.unwrap();
     e.broker.push(job(&e.queue, 3)).await.unwrap();
-    let j = fetch_n(&d, 1, Duration::from_secs(5)).await.pop().expect("delivered");
+    let j = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
     d.release(vec![j.clone()]).await.unwrap();
-    let again = fetch_n(&d, 1, Duration::from_secs(5)).await.pop().expect("redelivered");
+    let again = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("redelivered");
     assert_eq!(again.id, j.id);
     assert_eq!(again.attempt, 1, "a released job's attempt is not counted");
     (e.cleanup)();
@@ -220,7 +323,13 @@ async fn an_idle_fetch_wakes_up_as_soon_as_a_job_is_pushed(kind: Kind) {
         e.broker.push(job(&e.queue, 3)).await.unwrap();
         let (at, got) = waiter.await.unwrap();
         lat.push((at - sent).as_secs_f64() * 1e3);
-        d.settle(got.into_iter().map(|j| settle(j, Outcome::Succeeded, &c)).collect()).await.unwrap();
+        d.settle(
+            got.into_iter()
+                .map(|j| settle(j, Outcome::Succeeded, &c))
+                .collect(),
+        )
+        .await
+        .unwrap();
     }
     lat.sort_by(f64::total_cmp);
     println!(
@@ -245,9 +354,19 @@ async fn a_pending_job_cancels_and_a_running_one_does_not(kind: Kind) {
     let d = e.broker.driver(&e.queue, &c).await.unwrap();
     let b = e.broker.push(job(&e.queue, 3)).await.unwrap().id;
     let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
-    assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), [b], "the canceled job never runs");
-    assert!(matches!(e.broker.cancel(b).await.unwrap(), CancelOutcome::NotCancelable(JobState::Running)));
-    assert_eq!(e.broker.cancel(JobId::new()).await.unwrap(), CancelOutcome::NotFound);
+    assert_eq!(
+        got.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [b],
+        "the canceled job never runs"
+    );
+    assert!(matches!(
+        e.broker.cancel(b).await.unwrap(),
+        CancelOutcome::NotCancelable(JobState::Running)
+    ));
+    assert_eq!(
+        e.broker.cancel(JobId::new()).await.unwrap(),
+        CancelOutcome::NotFound
+    );
     (e.cleanup)();
 }
 
@@ -260,15 +379,26 @@ async fn an_expired_lease_is_delivered_again(kind: Kind) {
     let short = cfg(Duration::from_millis(300));
     let d1 = e.broker.driver(&e.queue, &short).await.unwrap();
     e.broker.push(job(&e.queue, 3)).await.unwrap();
-    let lost = fetch_n(&d1, 1, Duration::from_secs(5)).await.pop().expect("delivered");
+    let lost = fetch_n(&d1, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
     // d1 "dies": it neither renews nor settles. Another worker gets the job after the lease.
     let other = cfg(Duration::from_secs(30));
     let d2 = e.broker.driver(&e.queue, &other).await.unwrap();
-    let again = fetch_n(&d2, 1, Duration::from_secs(5)).await.pop().expect("redelivered");
+    let again = fetch_n(&d2, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("redelivered");
     assert_eq!((again.id, again.attempt), (lost.id, 2));
     // The dead worker's late result is ignored: the job stays with its new holder.
-    d1.settle(vec![settle(lost, Outcome::Succeeded, &short)]).await.unwrap();
-    assert_eq!(e.broker.get(again.id).await.unwrap().unwrap().status, JobState::Running);
+    d1.settle(vec![settle(lost, Outcome::Succeeded, &short)])
+        .await
+        .unwrap();
+    assert_eq!(
+        e.broker.get(again.id).await.unwrap().unwrap().status,
+        JobState::Running
+    );
     (e.cleanup)();
 }
 

@@ -17,7 +17,13 @@ async fn a_thousand_jobs_enqueued_one_by_one_and_in_batches_all_succeed(broker: 
         let batch: Vec<_> = (0..100).map(|_| json!({"kind": "noop", "payload": {}})).collect();
         let (status, body) = app.post("/v1/jobs/batch", &json!({ "jobs": batch })).await;
         assert_eq!(status, 202, "{body}");
-        ids.extend(body["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()));
+        ids.extend(
+            body["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
     }
     assert_eq!(ids.len(), 1_000);
     app.wait_all_succeeded(&ids, Duration::from_secs(60)).await;
@@ -27,8 +33,21 @@ async fn a_thousand_jobs_enqueued_one_by_one_and_in_batches_all_succeed(broker: 
 }
 
 async fn a_job_that_fails_twice_then_succeeds_shows_three_attempts_spaced_by_the_backoff(broker: Broker) {
-    let policy = RetryPolicy { initial_ms: 300, multiplier: 2.0, max_delay_ms: 10_000, max_attempts: 5, jitter: 0.0 };
-    let app = spawn_app(broker, Options { retry: Some(policy), ..Default::default() }).await;
+    let policy = RetryPolicy {
+        initial_ms: 300,
+        multiplier: 2.0,
+        max_delay_ms: 10_000,
+        max_attempts: 5,
+        jitter: 0.0,
+    };
+    let app = spawn_app(
+        broker,
+        Options {
+            retry: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await;
     let id = app.enqueue("sleep", json!({"ms": 0, "fail_first": 2})).await;
     // Attempt history is written off the hot path: wait for all three rows.
     let job = app
@@ -38,40 +57,86 @@ async fn a_job_that_fails_twice_then_succeeds_shows_three_attempts_spaced_by_the
         .await;
     assert_eq!(job["attempts"], 3, "{job}");
     let history = job["attempt_history"].as_array().unwrap();
-    let outcomes: Vec<_> = history.iter().map(|a| a["outcome"].as_str().unwrap_or("")).collect();
+    let outcomes: Vec<_> = history
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(outcomes, ["failed", "failed", "succeeded"], "{job}");
     // The gap between the end of attempt n and the start of n+1 follows 300 ms · 2^(n-1).
-    let gap = |n: usize| {
-        history[n + 1]["started_at_ms"].as_i64().unwrap() - history[n]["finished_at_ms"].as_i64().unwrap()
+    let ms = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a timestamp"))
+            .unwrap()
+            .timestamp_millis()
     };
+    let gap = |n: usize| ms(&history[n + 1]["started_at"]) - ms(&history[n]["finished_at"]);
     for (n, nominal) in [(0, 300), (1, 600)] {
         let g = gap(n);
-        println!("{broker:?}: delay before attempt {} = {g} ms (policy: {nominal} ms)", n + 2);
+        println!(
+            "{broker:?}: delay before attempt {} = {g} ms (policy: {nominal} ms)",
+            n + 2
+        );
         // Never early; late by at most the broker's scheduling granularity plus load.
-        assert!(g >= nominal - 5, "attempt {} started after {g} ms, before the {nominal} ms backoff", n + 2);
-        assert!(g < nominal + 1_500, "attempt {} started {g} ms later, far past the {nominal} ms backoff", n + 2);
+        assert!(
+            g >= nominal - 5,
+            "attempt {} started after {g} ms, before the {nominal} ms backoff",
+            n + 2
+        );
+        assert!(
+            g < nominal + 1_500,
+            "attempt {} started {g} ms later, far past the {nominal} ms backoff",
+            n + 2
+        );
     }
     app.shutdown().await;
 }
 
 async fn a_job_that_always_fails_ends_dead_after_max_attempts_and_is_counted(broker: Broker) {
-    let policy = RetryPolicy { initial_ms: 50, multiplier: 2.0, max_delay_ms: 1_000, max_attempts: 3, jitter: 0.1 };
-    let app = spawn_app(broker, Options { retry: Some(policy), ..Default::default() }).await;
+    let policy = RetryPolicy {
+        initial_ms: 50,
+        multiplier: 2.0,
+        max_delay_ms: 1_000,
+        max_attempts: 3,
+        jitter: 0.1,
+    };
+    let app = spawn_app(
+        broker,
+        Options {
+            retry: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await;
     let id = app.enqueue("sleep", json!({"ms": 0, "always_fail": true})).await;
-    let job = app.wait_job(&id, Duration::from_secs(30), |j| j["status"] == "dead").await;
+    let job = app
+        .wait_job(&id, Duration::from_secs(30), |j| j["status"] == "dead")
+        .await;
     assert_eq!(job["attempts"], 3, "{job}");
-    assert!(job["last_error"].as_str().unwrap_or("").contains("failing every attempt"), "{job}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("failing every attempt"),
+        "{job}"
+    );
     let start = std::time::Instant::now();
     loop {
         let q = app.queue("default").await;
         if q["dead"] == 1 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "dead job not counted in /v1/queues/default: {q}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "dead job not counted in /v1/queues/default: {q}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, all) = app.get("/v1/queues").await;
-    let default = all["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "default").cloned();
+    let default = all["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "default")
+        .cloned();
     assert_eq!(default.expect("default queue listed")["dead"], 1, "{all}");
     app.shutdown().await;
 }
@@ -103,12 +168,26 @@ async fn an_idle_worker_picks_up_a_new_job_without_a_polling_delay(broker: Broke
 
 async fn a_pending_job_can_be_canceled_and_never_runs(broker: Broker) {
     // No worker consumes `default` here, so the job stays pending.
-    let app = spawn_app(broker, Options { queues: vec!["noop"], ..Default::default() }).await;
+    let app = spawn_app(
+        broker,
+        Options {
+            queues: vec!["noop"],
+            ..Default::default()
+        },
+    )
+    .await;
     let id = app.enqueue("sleep", json!({"ms": 0})).await;
-    app.wait_job(&id, Duration::from_secs(10), |j| j["status"] == "pending").await;
-    let res = app.http.delete(app.url(&format!("/v1/jobs/{id}"))).send().await.unwrap();
+    app.wait_job(&id, Duration::from_secs(10), |j| j["status"] == "pending")
+        .await;
+    let res = app
+        .http
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status().as_u16(), 200);
-    app.wait_job(&id, Duration::from_secs(10), |j| j["status"] == "canceled").await;
+    app.wait_job(&id, Duration::from_secs(10), |j| j["status"] == "canceled")
+        .await;
     app.shutdown().await;
 }
 

@@ -30,7 +30,11 @@ fn drover() -> Command {
 
 fn sigterm(child: &Child) {
     let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success();
     assert!(ok, "kill -TERM {pid} failed");
 }
 
@@ -39,7 +43,11 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
     let (pg_name, db_url, broker_url, sqlite_path) = match broker {
         Broker::Redis | Broker::Amqp => {
             let (name, url) = create_pg_database().await;
-            let b = if broker == Broker::Redis { REDIS_URL } else { AMQP_URL };
+            let b = if broker == Broker::Redis {
+                REDIS_URL
+            } else {
+                AMQP_URL
+            };
             (Some(name), url, b.to_owned(), None)
         }
         Broker::Sqlite => {
@@ -57,9 +65,15 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
     assert!(migrated.success(), "drover migrate failed");
 
     let db = schema::connect(&db_url).await.unwrap();
-    let producer = jobs::broker::connect(&broker_url, BrokerOptions { prefix: prefix.clone(), db: db.clone() })
-        .await
-        .unwrap();
+    let producer = jobs::broker::connect(
+        &broker_url,
+        BrokerOptions {
+            prefix: prefix.clone(),
+            db: db.clone(),
+        },
+    )
+    .await
+    .unwrap();
     let queue = QueueName::parse("default").unwrap();
     let ids: Vec<JobId> = (0..50).map(|_| JobId::new()).collect();
     let batch = ids
@@ -93,11 +107,17 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
         if s.running == 50 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "50 jobs never ran at once: {s:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "50 jobs never ran at once: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sigterm(&worker);
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.expect("exited").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("exited")
+        .unwrap();
     assert_eq!(status.code(), Some(0), "the worker exit status after SIGTERM");
 
     // Every job ran exactly once and succeeded; nothing is left in the queue.
@@ -107,17 +127,24 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
         for id in &ids {
             let rec = match producer.get(*id).await.unwrap() {
                 Some(r) => Some((r.status, r.attempts)),
-                None => schema::queries::get_job(&db, id.0).await.unwrap().map(|v| {
-                    (v.job.status.parse().unwrap(), v.job.attempts as u32)
-                }),
+                None => schema::queries::get_job(&db, id.0)
+                    .await
+                    .unwrap()
+                    .map(|v| (v.job.status.parse().unwrap(), v.job.attempts as u32)),
             };
             states.push(rec);
         }
-        let done = states.iter().filter(|s| matches!(s, Some((jobs::JobState::Succeeded, 1)))).count();
+        let done = states
+            .iter()
+            .filter(|s| matches!(s, Some((jobs::JobState::Succeeded, 1))))
+            .count();
         if done == 50 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "not every job succeeded exactly once: {states:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not every job succeeded exactly once: {states:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s = producer.stats(&queue).await.unwrap();
@@ -174,7 +201,11 @@ async fn drover_dev_runs_a_job_with_no_external_service() {
         .expect("drover dev printed its URL")
         .unwrap()
         .expect("a line");
-    let base = line.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL").to_owned();
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .to_owned();
     let http = reqwest::Client::new();
     let docs = http.get(format!("{base}/docs")).send().await.unwrap();
     assert_eq!(docs.status().as_u16(), 200);
@@ -191,16 +222,28 @@ async fn drover_dev_runs_a_job_with_no_external_service() {
     let id = res["id"].as_str().expect("an id").to_owned();
     let start = Instant::now();
     loop {
-        let job: serde_json::Value =
-            http.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap();
+        let job: serde_json::Value = http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if job["status"] == "succeeded" {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "the job never succeeded: {job}");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the job never succeeded: {job}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sigterm(&dev);
-    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait()).await.expect("exited").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait())
+        .await
+        .expect("exited")
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,6 @@
 //! with its own database and key/queue namespace, and request helpers that wait on state.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -18,12 +17,12 @@ use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Broker {
+pub(crate) enum Broker {
     Redis,
     Amqp,
     Sqlite,
@@ -31,27 +30,30 @@ pub enum Broker {
 
 /// Knobs a test may turn; everything else is the production default.
 #[derive(Clone, Debug)]
-pub struct Options {
-    pub retry: Option<RetryPolicy>,
-    pub concurrency: usize,
-    pub queues: Vec<&'static str>,
-    pub broker_url: Option<String>,
+pub(crate) struct Options {
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) concurrency: usize,
+    pub(crate) queues: Vec<&'static str>,
+    pub(crate) broker_url: Option<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { retry: None, concurrency: 50, queues: vec!["noop", "default"], broker_url: None }
+        Self {
+            retry: None,
+            concurrency: 50,
+            queues: vec!["noop", "default"],
+            broker_url: None,
+        }
     }
 }
 
-pub struct TestApp {
-    pub addr: SocketAddr,
-    pub http: reqwest::Client,
-    pub broker: Broker,
-    pub prefix: String,
-    pub pickups: mpsc::UnboundedReceiver<(JobId, i64)>,
-    pub db_url: String,
-    pub broker_url: String,
+pub(crate) struct TestApp {
+    pub(crate) addr: SocketAddr,
+    pub(crate) http: reqwest::Client,
+    pub(crate) broker: Broker,
+    pub(crate) prefix: String,
+    pub(crate) pickups: mpsc::UnboundedReceiver<(JobId, i64)>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     stack: Option<Arc<Stack>>,
@@ -63,12 +65,12 @@ enum Cleanup {
     File(PathBuf),
 }
 
-pub fn unique(tag: &str) -> String {
+pub(crate) fn unique(tag: &str) -> String {
     format!("{tag}{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Creates a fresh Postgres database, failing with instructions when Postgres is down.
-pub async fn create_pg_database() -> (String, String) {
+pub(crate) async fn create_pg_database() -> (String, String) {
     let admin = Database::connect(PG_ADMIN_URL).await.unwrap_or_else(|e| {
         panic!(
             "PostgreSQL is not reachable at 127.0.0.1:5432 ({e}); start it with \
@@ -76,17 +78,20 @@ pub async fn create_pg_database() -> (String, String) {
         )
     });
     let name = unique("drover_e2e_");
-    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create database");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
     (name.clone(), format!("postgres://postgres@127.0.0.1:5432/{name}"))
 }
 
-pub async fn require_service(name: &str, addr: &str, how: &str) {
+pub(crate) async fn require_service(name: &str, addr: &str, how: &str) {
     if tokio::net::TcpStream::connect(addr).await.is_err() {
         panic!("{name} is not reachable at {addr}; start it with `{how}`");
     }
 }
 
-pub async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
+pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
     let prefix = unique("t");
     let (db_url, broker_url, cleanup) = match broker {
         Broker::Redis | Broker::Amqp => {
@@ -96,7 +101,11 @@ pub async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
                 require_service("RabbitMQ", "127.0.0.1:5672", "rabbitmq-server -detached").await;
             }
             let (name, url) = create_pg_database().await;
-            let b = if broker == Broker::Redis { REDIS_URL } else { AMQP_URL };
+            let b = if broker == Broker::Redis {
+                REDIS_URL
+            } else {
+                AMQP_URL
+            };
             (url, b.to_owned(), Cleanup::Postgres(name))
         }
         Broker::Sqlite => {
@@ -112,14 +121,19 @@ pub async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         broker_prefix: prefix.clone(),
         config: None,
     };
-    let mut catalog_cfg = CatalogConfig::default();
-    catalog_cfg.default_retry = opts.retry.clone();
+    let catalog_cfg = CatalogConfig {
+        default_retry: opts.retry.clone(),
+        ..Default::default()
+    };
     let stack = Stack::connect(&conn, jobs::Catalog::new(&catalog_cfg), Migrations::Apply)
         .await
         .expect("connect the stack");
     let stack = Arc::new(stack);
     let _ = RetryArgs::default();
-    let listener = app::bind(&ApiArgs { listen: "127.0.0.1:0".into() }).unwrap();
+    let listener = app::bind(&ApiArgs {
+        listen: "127.0.0.1:0".into(),
+    })
+    .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, wait) = app::broadcast_shutdown();
     let (probe, pickups) = mpsc::unbounded_channel();
@@ -134,12 +148,18 @@ pub async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
     {
         let stack = stack.clone();
         let w = wait.clone();
-        tasks.push(tokio::spawn(async move { app::serve_api(&stack, listener, w()).await }));
+        tasks.push(tokio::spawn(async move {
+            app::serve_api(&stack, listener, w()).await
+        }));
     }
     {
         let stack = stack.clone();
-        let deps = workers::Deps { pickup_probe: Some(probe) };
-        tasks.push(tokio::spawn(async move { app::run_workers(&stack, &worker_args, deps, wait()).await }));
+        let deps = workers::Deps {
+            pickup_probe: Some(probe),
+        };
+        tasks.push(tokio::spawn(async move {
+            app::run_workers(&stack, &worker_args, deps, wait()).await
+        }));
     }
     TestApp {
         addr,
@@ -147,8 +167,6 @@ pub async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         broker,
         prefix,
         pickups,
-        db_url,
-        broker_url,
         stop,
         tasks,
         stack: Some(stack),
@@ -157,30 +175,38 @@ pub async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
 }
 
 impl TestApp {
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let res = self.http.post(self.url(path)).json(body).send().await.expect("request");
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let res = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
-    pub async fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
         let res = self.http.get(self.url(path)).send().await.expect("request");
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
-    pub async fn enqueue(&self, kind: &str, payload: Value) -> String {
-        let (status, body) = self.post("/v1/jobs", &json!({"kind": kind, "payload": payload})).await;
+    pub(crate) async fn enqueue(&self, kind: &str, payload: Value) -> String {
+        let (status, body) = self
+            .post("/v1/jobs", &json!({"kind": kind, "payload": payload}))
+            .await;
         assert_eq!(status, 202, "enqueue answered {status}: {body}");
         body["id"].as_str().expect("id").to_owned()
     }
 
     /// Polls a job until `done(job)` holds; panics with the last state after `within`.
-    pub async fn wait_job(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait_job(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let start = Instant::now();
         loop {
             let (status, body) = self.get(&format!("/v1/jobs/{id}")).await;
@@ -195,7 +221,7 @@ impl TestApp {
     }
 
     /// Waits until every id is `succeeded`; returns how many polls it took.
-    pub async fn wait_all_succeeded(&self, ids: &[String], within: Duration) {
+    pub(crate) async fn wait_all_succeeded(&self, ids: &[String], within: Duration) {
         let start = Instant::now();
         let mut left: Vec<&String> = ids.iter().collect();
         while !left.is_empty() {
@@ -210,21 +236,24 @@ impl TestApp {
             if !left.is_empty() {
                 if start.elapsed() > within {
                     let (_, sample) = self.get(&format!("/v1/jobs/{}", left[0])).await;
-                    panic!("{} jobs not succeeded within {within:?}; e.g. {sample}", left.len());
+                    panic!(
+                        "{} jobs not succeeded within {within:?}; e.g. {sample}",
+                        left.len()
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 
-    pub async fn queue(&self, q: &str) -> Value {
+    pub(crate) async fn queue(&self, q: &str) -> Value {
         let (status, body) = self.get(&format!("/v1/queues/{q}")).await;
         assert_eq!(status, 200, "{body}");
         body
     }
 
     /// Stops API and workers gracefully, then removes the test's database and broker namespace.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
             match tokio::time::timeout(Duration::from_secs(20), t).await {
@@ -255,49 +284,58 @@ impl TestApp {
     }
 }
 
-pub async fn drop_pg_database(name: &str) {
+pub(crate) async fn drop_pg_database(name: &str) {
     if let Ok(admin) = Database::connect(PG_ADMIN_URL).await {
-        let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
     }
 }
 
 /// Deletes this test's keys only (never FLUSHDB: other tests and the benchmark share Redis).
-pub async fn delete_redis_prefix(prefix: &str) {
+pub(crate) async fn delete_redis_prefix(prefix: &str) {
     let client = redis::Client::open(REDIS_URL).unwrap();
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap_or_default();
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
     for chunk in keys.chunks(500) {
         let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
     }
 }
 
 /// Deletes this test's queues (the queues drover declares for the built-in queue names).
-pub async fn delete_amqp_prefix(prefix: &str) {
-    let Ok(conn) = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await else { return };
-    let Ok(ch) = conn.create_channel().await else { return };
+pub(crate) async fn delete_amqp_prefix(prefix: &str) {
+    let Ok(conn) = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await else {
+        return;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
     for q in jobs::queue::BUILTIN_QUEUES {
         let mut names = vec![format!("{prefix}.{q}"), format!("{prefix}.{q}.dead")];
         names.extend((0..=24).map(|k| format!("{prefix}.{q}.delay.{k}")));
         for name in names {
-            let _ = ch.queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+            let _ = ch
+                .queue_delete(
+                    name.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
         }
     }
     let _ = conn.close(0, "done".into()).await;
 }
 
 /// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
-}
-
-pub fn counts(values: &[Value]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for v in values {
-        *m.entry(v.as_str().unwrap_or("?").to_owned()).or_default() += 1;
-    }
-    m
 }

@@ -53,8 +53,12 @@ impl Registry {
     /// Every handler this build has.
     pub fn standard() -> Self {
         let mut handlers: HashMap<&'static str, Handler> = HashMap::new();
-        handlers.insert("noop", |job, deps| Box::pin(crate::families::builtin::noop(job, deps)));
-        handlers.insert("sleep", |job, deps| Box::pin(crate::families::builtin::sleep(job, deps)));
+        handlers.insert("noop", |job, deps| {
+            Box::pin(crate::families::builtin::noop(job, deps))
+        });
+        handlers.insert("sleep", |job, deps| {
+            Box::pin(crate::families::builtin::sleep(job, deps))
+        });
         Self { handlers }
     }
 

@@ -23,7 +23,14 @@ pub fn started(writer: &HistoryWriter, job: &Job, worker: &str, at_ms: i64) {
     });
 }
 
-pub fn finished(writer: &HistoryWriter, job: &Job, worker: &str, started_ms: i64, at_ms: i64, outcome: &Outcome) {
+pub fn finished(
+    writer: &HistoryWriter,
+    job: &Job,
+    worker: &str,
+    started_ms: i64,
+    at_ms: i64,
+    outcome: &Outcome,
+) {
     let (how, next_run_at) = match outcome {
         Outcome::Succeeded => (schema::history::AttemptOutcome::Succeeded, None),
         Outcome::Retry { at_ms, how, .. } => (*how, Some(ts(*at_ms))),

@@ -15,9 +15,7 @@ use std::{
 };
 
 use apalis::layers::WorkerBuilderExt;
-use apalis_core::{
-    error::BoxDynError, monitor::Monitor, task::Task, worker::builder::WorkerBuilder,
-};
+use apalis_core::{error::BoxDynError, monitor::Monitor, task::Task, worker::builder::WorkerBuilder};
 use futures::{FutureExt, future::BoxFuture};
 use jobs::{
     Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName, job::AttemptOutcome,
@@ -50,7 +48,10 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            queues: jobs::queue::BUILTIN_QUEUES.iter().map(|q| QueueName::parse(q).expect("valid")).collect(),
+            queues: jobs::queue::BUILTIN_QUEUES
+                .iter()
+                .map(|q| QueueName::parse(q).expect("valid"))
+                .collect(),
             concurrency: 50,
             prefetch: 100,
             lease: Duration::from_secs(30),
@@ -61,7 +62,10 @@ impl Default for WorkerSettings {
 }
 
 fn default_name() -> String {
-    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "local".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
     format!("{host}-{}", std::process::id())
 }
 
@@ -79,7 +83,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut monitor = Monitor::new().shutdown_timeout(settings.shutdown_grace);
     for queue in &settings.queues {
-        let worker: Arc<str> = format!("{}-{}-{}", settings.name, queue, &jobs::JobId::new().to_string()[24..]).into();
+        let worker: Arc<str> = format!(
+            "{}-{}-{}",
+            settings.name,
+            queue,
+            &jobs::JobId::new().to_string()[24..]
+        )
+        .into();
         let cfg = ConsumerConfig {
             worker: worker.clone(),
             prefetch: settings.prefetch,
@@ -159,8 +169,15 @@ impl AttemptService {
         if let Some(h) = &self.history {
             history::started(h, &job, &self.worker, started);
         }
-        metrics::histogram!("drover_job_wait_seconds", "queue" => job.queue.to_string())
-            .record((started - job.run_at_ms.unwrap_or(job.enqueued_at_ms).max(job.enqueued_at_ms)).max(0) as f64 / 1e3);
+        metrics::histogram!("drover_job_wait_seconds", "queue" => job.queue.to_string()).record(
+            (started
+                - job
+                    .run_at_ms
+                    .unwrap_or(job.enqueued_at_ms)
+                    .max(job.enqueued_at_ms))
+            .max(0) as f64
+                / 1e3,
+        );
         let clock = std::time::Instant::now();
         let result = self.execute(&job).await;
         let elapsed = clock.elapsed();
@@ -171,7 +188,9 @@ impl AttemptService {
             Outcome::Retry { error, at_ms, .. } => {
                 tracing::warn!(error = %error, retry_in_ms = at_ms - finished, "attempt failed; will retry")
             }
-            Outcome::Dead { error, .. } => tracing::error!(error = %error, "job failed for good: moved to the dead set"),
+            Outcome::Dead { error, .. } => {
+                tracing::error!(error = %error, "job failed for good: moved to the dead set")
+            }
         }
         let labels = [("queue", job.queue.to_string()), ("kind", job.kind.to_string())];
         metrics::histogram!("drover_job_duration_seconds", &labels).record(elapsed.as_secs_f64());
@@ -190,19 +209,31 @@ impl AttemptService {
     /// Runs the handler under the kind's timeout, with panics turned into failures.
     async fn execute(&self, job: &JobRef) -> Result<(), (AttemptOutcome, JobError)> {
         let Some(handler) = self.registry.get(&job.kind) else {
-            return Err((AttemptOutcome::Failed, JobError::permanent(format!("no handler for kind {:?} in this worker", job.kind))));
+            return Err((
+                AttemptOutcome::Failed,
+                JobError::permanent(format!("no handler for kind {:?} in this worker", job.kind)),
+            ));
         };
-        let timeout = self.catalog.get(&job.kind).map_or(Duration::from_secs(300), |k| k.timeout);
+        let timeout = self
+            .catalog
+            .get(&job.kind)
+            .map_or(Duration::from_secs(300), |k| k.timeout);
         let run = AssertUnwindSafe(handler(job.clone(), self.deps.clone())).catch_unwind();
         match tokio::time::timeout(timeout, run).await {
-            Err(_) => Err((AttemptOutcome::TimedOut, JobError::retryable(format!("timed out after {} ms", timeout.as_millis())))),
+            Err(_) => Err((
+                AttemptOutcome::TimedOut,
+                JobError::retryable(format!("timed out after {} ms", timeout.as_millis())),
+            )),
             Ok(Err(panic)) => {
                 let msg = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                Err((AttemptOutcome::Panicked, JobError::retryable(format!("panicked: {msg}"))))
+                Err((
+                    AttemptOutcome::Panicked,
+                    JobError::retryable(format!("panicked: {msg}")),
+                ))
             }
             Ok(Ok(Err(e))) => Err((AttemptOutcome::Failed, e)),
             Ok(Ok(Ok(()))) => Ok(()),
@@ -217,9 +248,17 @@ impl AttemptService {
         match err {
             JobError::Permanent(error) => Outcome::Dead { error, how },
             JobError::Retryable(error) => {
-                let policy = self.catalog.get(&job.kind).map(|k| k.retry.clone()).unwrap_or_default();
+                let policy = self
+                    .catalog
+                    .get(&job.kind)
+                    .map(|k| k.retry.clone())
+                    .unwrap_or_default();
                 match policy.delay_after(job.attempt, job.max_attempts) {
-                    Some(delay) => Outcome::Retry { at_ms: now_ms() + delay.as_millis() as i64, error, how },
+                    Some(delay) => Outcome::Retry {
+                        at_ms: now_ms() + delay.as_millis() as i64,
+                        error,
+                        how,
+                    },
                     None => Outcome::Dead { error, how },
                 }
             }

@@ -152,7 +152,9 @@ impl RedisBroker {
 
     fn keys(&self, q: &QueueName) -> Arc<Keys> {
         let mut map = self.keys.lock().expect("keys poisoned");
-        map.entry(q.clone()).or_insert_with(|| Arc::new(Keys::new(&self.prefix, q))).clone()
+        map.entry(q.clone())
+            .or_insert_with(|| Arc::new(Keys::new(&self.prefix, q)))
+            .clone()
     }
 
     fn queues_key(&self) -> String {
@@ -164,7 +166,11 @@ impl RedisBroker {
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        let _: () = redis::cmd("SADD").arg(self.queues_key()).arg(q.as_str()).query_async(&mut conn).await?;
+        let _: () = redis::cmd("SADD")
+            .arg(self.queues_key())
+            .arg(q.as_str())
+            .query_async(&mut conn)
+            .await?;
         self.known_queues.lock().expect("poisoned").insert(q.clone());
         Ok(())
     }
@@ -174,7 +180,10 @@ impl RedisBroker {
         let now = now_ms();
         let mut inv = self.scripts.push.prepare_invoke();
         inv.key(&keys.pending).key(&keys.scheduled);
-        inv.arg(&keys.job_prefix).arg(&keys.idem_prefix).arg(IDEMPOTENCY_WINDOW_S).arg(now);
+        inv.arg(&keys.job_prefix)
+            .arg(&keys.idem_prefix)
+            .arg(IDEMPOTENCY_WINDOW_S)
+            .arg(now);
         for job in jobs {
             let data = serde_json::to_string(job).map_err(|e| BrokerError::Other(e.to_string()))?;
             inv.arg(job.id.to_string())
@@ -188,8 +197,12 @@ impl RedisBroker {
         let out: Vec<String> = inv.invoke_async(&mut conn).await?;
         out.chunks_exact(2)
             .map(|pair| {
-                let id = JobId::parse(&pair[0]).ok_or_else(|| BrokerError::Corrupt(format!("job id {:?}", pair[0])))?;
-                Ok(Enqueued { id, duplicate: pair[1] == "1" })
+                let id = JobId::parse(&pair[0])
+                    .ok_or_else(|| BrokerError::Corrupt(format!("job id {:?}", pair[0])))?;
+                Ok(Enqueued {
+                    id,
+                    duplicate: pair[1] == "1",
+                })
             })
             .collect()
     }
@@ -208,7 +221,11 @@ impl RedisBroker {
     }
 }
 
-fn record_from_hash(id: JobId, queue: &QueueName, h: &HashMap<String, String>) -> Result<JobRecord, BrokerError> {
+fn record_from_hash(
+    id: JobId,
+    queue: &QueueName,
+    h: &HashMap<String, String>,
+) -> Result<JobRecord, BrokerError> {
     let job: Job = serde_json::from_str(h.get("d").map(String::as_str).unwrap_or("null"))
         .map_err(|e| BrokerError::Corrupt(format!("job {id}: {e}")))?;
     let int = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
@@ -241,7 +258,8 @@ impl Producer for RedisBroker {
         self.remember_queue(&job.queue).await?;
         let q = job.queue.clone();
         let mut out = self.push_chunk(&q, std::slice::from_ref(&job)).await?;
-        out.pop().ok_or_else(|| BrokerError::Corrupt("push returned nothing".into()))
+        out.pop()
+            .ok_or_else(|| BrokerError::Corrupt("push returned nothing".into()))
     }
 
     async fn push_batch(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>, BrokerError> {
@@ -261,7 +279,9 @@ impl Producer for RedisBroker {
                 }
             }
         }
-        out.into_iter().map(|r| r.ok_or_else(|| BrokerError::Corrupt("push lost a job".into()))).collect()
+        out.into_iter()
+            .map(|r| r.ok_or_else(|| BrokerError::Corrupt("push lost a job".into())))
+            .collect()
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {
@@ -272,7 +292,9 @@ impl Producer for RedisBroker {
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
-        let Some((q, _)) = self.locate(id).await? else { return Ok(CancelOutcome::NotFound) };
+        let Some((q, _)) = self.locate(id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
         let keys = self.keys(&q);
         let mut conn = self.conn.clone();
         let before: String = self
@@ -301,7 +323,10 @@ impl Producer for RedisBroker {
                 .zcard(&keys.scheduled)
                 .zcard(&keys.leased)
                 .zcard(&keys.dead)
-                .cmd("HMGET").arg(&keys.stats).arg("done").arg("failed")
+                .cmd("HMGET")
+                .arg(&keys.stats)
+                .arg("done")
+                .arg("failed")
                 .query_async(&mut conn)
                 .await?;
         Ok(QueueStats {
@@ -317,7 +342,10 @@ impl Producer for RedisBroker {
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
         let mut conn = self.conn.clone();
-        let seen: Vec<String> = redis::cmd("SMEMBERS").arg(self.queues_key()).query_async(&mut conn).await?;
+        let seen: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.queues_key())
+            .query_async(&mut conn)
+            .await?;
         let mut all: Vec<QueueName> = BUILTIN_QUEUES
             .iter()
             .map(|q| QueueName::parse(q).expect("valid"))
@@ -412,13 +440,13 @@ impl RedisDriver {
             .invoke_async(&mut conn)
             .await?;
         let mut it = out.into_iter();
-        let next: i64 = it.next().map(|v| redis::from_redis_value(v)).transpose()?.unwrap_or(-1);
+        let next: i64 = it.next().map(redis::from_redis_value).transpose()?.unwrap_or(-1);
         let mut jobs = Vec::with_capacity(it.len() / 2);
         while let (Some(a), Some(d)) = (it.next(), it.next()) {
             let attempt: u32 = redis::from_redis_value(a)?;
             let data: Vec<u8> = redis::from_redis_value(d)?;
-            let mut job: Job =
-                serde_json::from_slice(&data).map_err(|e| BrokerError::Corrupt(format!("job envelope: {e}")))?;
+            let mut job: Job = serde_json::from_slice(&data)
+                .map_err(|e| BrokerError::Corrupt(format!("job envelope: {e}")))?;
             job.attempt = attempt;
             jobs.push(job);
         }
@@ -431,7 +459,12 @@ impl RedisDriver {
             let cfg = AsyncConnectionConfig::new()
                 .set_response_timeout(Some(self.block_timeout))
                 .set_connection_timeout(Some(Duration::from_secs(2)));
-            *guard = Some(self.broker.client.get_multiplexed_async_connection_with_config(&cfg).await?);
+            *guard = Some(
+                self.broker
+                    .client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await?,
+            );
         }
         let conn = guard.as_mut().expect("set above");
         let claim = format!("{}{}", self.keys.claim_prefix, self.worker);
@@ -468,7 +501,11 @@ impl Driver for RedisDriver {
     async fn settle(&self, batch: Vec<Settlement>) -> Result<(), BrokerError> {
         let k = &self.keys;
         let mut inv = self.broker.scripts.settle.prepare_invoke();
-        inv.key(&k.leased).key(&k.scheduled).key(&k.dead).key(&k.stats).key(&k.pending);
+        inv.key(&k.leased)
+            .key(&k.scheduled)
+            .key(&k.dead)
+            .key(&k.stats)
+            .key(&k.pending);
         inv.arg(&k.job_prefix).arg(DONE_TTL_S);
         for s in &batch {
             let (code, at, err) = match &s.outcome {
@@ -476,7 +513,12 @@ impl Driver for RedisDriver {
                 Outcome::Retry { at_ms, error, .. } => ("r", *at_ms, error.as_str()),
                 Outcome::Dead { error, .. } => ("d", 0, error.as_str()),
             };
-            inv.arg(s.job.id.to_string()).arg(code).arg(at).arg(err).arg(&*s.worker).arg(s.finished_at_ms);
+            inv.arg(s.job.id.to_string())
+                .arg(code)
+                .arg(at)
+                .arg(err)
+                .arg(&*s.worker)
+                .arg(s.finished_at_ms);
         }
         let mut conn = self.broker.conn.clone();
         let _: () = inv.invoke_async(&mut conn).await?;
@@ -486,7 +528,10 @@ impl Driver for RedisDriver {
     async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError> {
         let k = &self.keys;
         let mut inv = self.broker.scripts.release.prepare_invoke();
-        inv.key(&k.leased).key(&k.pending).arg(&k.job_prefix).arg(&*self.worker);
+        inv.key(&k.leased)
+            .key(&k.pending)
+            .arg(&k.job_prefix)
+            .arg(&*self.worker);
         for j in &jobs {
             inv.arg(j.id.to_string());
         }
@@ -498,7 +543,10 @@ impl Driver for RedisDriver {
     async fn renew(&self, held: &[JobId]) -> Result<(), BrokerError> {
         let k = &self.keys;
         let mut inv = self.broker.scripts.renew.prepare_invoke();
-        inv.key(&k.leased).key(&k.workers).arg(now_ms() + self.lease_ms as i64).arg(&*self.worker);
+        inv.key(&k.leased)
+            .key(&k.workers)
+            .arg(now_ms() + self.lease_ms as i64)
+            .arg(&*self.worker);
         for id in held {
             inv.arg(id.to_string());
         }

@@ -26,10 +26,16 @@ pub async fn sleep(job: Arc<Job>, _deps: Arc<Deps>) -> Result<(), JobError> {
         tokio::time::sleep(Duration::from_millis(p.ms)).await;
     }
     if p.always_fail {
-        return Err(JobError::retryable(format!("sleep: failing every attempt (attempt {})", job.attempt)));
+        return Err(JobError::retryable(format!(
+            "sleep: failing every attempt (attempt {})",
+            job.attempt
+        )));
     }
     if job.attempt <= p.fail_first {
-        return Err(JobError::retryable(format!("sleep: failing attempt {} of the first {}", job.attempt, p.fail_first)));
+        return Err(JobError::retryable(format!(
+            "sleep: failing attempt {} of the first {}",
+            job.attempt, p.fail_first
+        )));
     }
     Ok(())
 }

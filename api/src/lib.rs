@@ -1,0 +1,165 @@
+//! drover's HTTP API: the v1 routes (enqueue, look up and cancel jobs; queue depths), health and
+//! readiness probes, Prometheus metrics, the OpenAPI document and its Swagger UI.
+//!
+//! Handlers are thin: they parse the request, call `jobs` (the broker behind
+//! [`jobs::Producer`], the [`jobs::Catalog`]) or `schema` (history reads), and map the result.
+//! Every error leaves as an RFC 9457 `application/problem+json` body (see [`error`]).
+//!
+//! Depends on `jobs` and `schema` only; never on `workers`.
+//!
+//! The binary composes it like this:
+//!
+//! ```no_run
+//! # async fn run(broker: std::sync::Arc<dyn jobs::Producer>, db: sea_orm::DatabaseConnection) -> std::io::Result<()> {
+//! let metrics = api::install_metrics(); // once per process
+//! let state = api::AppState::new(broker, db, std::sync::Arc::new(jobs::Catalog::default()), metrics);
+//! let listener = std::net::TcpListener::bind("0.0.0.0:8080")?;
+//! api::serve(listener, state, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use poem::{
+    Endpoint, EndpointExt, Route, Server,
+    listener::{Acceptor, TcpAcceptor},
+    middleware::CatchPanic,
+};
+use poem_openapi::OpenApiService;
+
+/// Turning enqueue requests into validated job envelopes.
+mod enqueue;
+/// The one error type of every route, rendered as RFC 9457 problem+json.
+pub mod error;
+/// Metric names, the process-wide recorder and the HTTP metrics middleware.
+pub mod metrics;
+/// The JSON request-body extractor with size limits and problem+json parse errors.
+mod payload;
+/// One module per API resource, each an `OpenApi` implementation.
+mod routes;
+/// W3C `traceparent` handling.
+mod trace;
+
+pub use crate::{
+    error::{ApiError, FieldError, Problem},
+    metrics::install_metrics,
+};
+
+/// Limits and timeouts of the HTTP layer. The defaults are the production defaults.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Largest request body of single-job routes, in bytes. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest request body of `POST /v1/jobs/batch`, in bytes. Default 32 MiB.
+    pub max_batch_body_bytes: usize,
+    /// Most jobs in one batch. Default 10 000.
+    pub max_batch_jobs: usize,
+    /// How long `/metrics` waits for queue statistics before rendering without refreshing
+    /// them, and how long `/readyz` waits for each dependency. Default 2 s.
+    pub probe_timeout: Duration,
+    /// How long [`serve`] lets in-flight requests finish after the shutdown signal. Default 25 s
+    /// (inside Kubernetes' default 30 s termination grace period).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_batch_body_bytes: 32 << 20,
+            max_batch_jobs: 10_000,
+            probe_timeout: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Everything the routes need, cheap to clone (every field is a handle).
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<dyn jobs::Producer>,
+    /// The history database (jobs the broker no longer holds, attempt history; readiness).
+    pub db: sea_orm::DatabaseConnection,
+    pub catalog: Arc<jobs::Catalog>,
+    /// Where accepted jobs are recorded; `None` records nothing (history then only has what
+    /// workers write).
+    pub history: Option<schema::history::HistoryWriter>,
+    /// Renders `/metrics`; from [`install_metrics`].
+    pub metrics: PrometheusHandle,
+    pub config: ApiConfig,
+}
+
+impl AppState {
+    /// A state without a history writer and with the default [`ApiConfig`].
+    pub fn new(
+        broker: Arc<dyn jobs::Producer>,
+        db: sea_orm::DatabaseConnection,
+        catalog: Arc<jobs::Catalog>,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        Self {
+            broker,
+            db,
+            catalog,
+            history: None,
+            metrics,
+            config: ApiConfig::default(),
+        }
+    }
+
+    pub fn with_history(mut self, history: schema::history::HistoryWriter) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    pub fn with_config(mut self, config: ApiConfig) -> Self {
+        self.config = config;
+        self
+    }
+}
+
+fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
+    OpenApiService::new(routes::api(state.clone()), "drover", env!("CARGO_PKG_VERSION"))
+        .description("Enqueue, inspect and cancel background jobs; read queue depths.")
+}
+
+/// Every route, with problem+json errors, panic recovery and HTTP metrics.
+///
+/// Serves `/v1/…`, `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and `/docs`.
+pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'static {
+    let service = openapi_service(&state);
+    let spec = service.spec_endpoint();
+    let docs = service.swagger_ui();
+    let labels = metrics::RouteLabels::from_api::<routes::Api>();
+    Route::new()
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .nest("/", service)
+        .data(state.config.clone())
+        .with(CatchPanic::new().with_handler(error::panic_response))
+        .around(error::problem_responses)
+        .with(metrics::HttpMetrics::new(labels))
+}
+
+/// Serves [`routes`] on an already-bound listener until `shutdown` completes, then lets
+/// in-flight requests finish for up to [`ApiConfig::shutdown_timeout`].
+///
+/// Taking a bound listener lets callers bind port 0 and read the port first
+/// (`listener.local_addr()`).
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let acceptor = TcpAcceptor::from_std(listener)?;
+    if let Some(addr) = acceptor.local_addr().first() {
+        tracing::info!(addr = %addr, "HTTP API listening");
+    }
+    let grace = state.config.shutdown_timeout;
+    Server::new_with_acceptor(acceptor)
+        .run_with_graceful_shutdown(routes(state), shutdown, Some(grace))
+        .await
+}

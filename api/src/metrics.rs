@@ -1,0 +1,203 @@
+//! Prometheus metrics: the names (a contract — dashboards, alerts and KEDA use them), the
+//! process-wide recorder, the HTTP middleware, and the queue-depth gauges refreshed on scrape.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use poem::{Endpoint, IntoResponse, Middleware, PathPattern, Request, Response};
+use poem_openapi::{OpenApi, OperationId};
+
+/// Counter `{queue, kind}`: jobs accepted by the API (idempotent repeats are not counted).
+pub const JOBS_ENQUEUED_TOTAL: &str = "drover_jobs_enqueued_total";
+/// Counter `{route, status}`: HTTP requests answered, by route template and status code.
+pub const HTTP_REQUESTS_TOTAL: &str = "drover_http_requests_total";
+/// Histogram `{route}`: time to produce a response (headers ready), in seconds.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "drover_http_request_duration_seconds";
+/// Gauge `{queue, state}`: jobs per queue in `pending`, `scheduled`, `running` and `dead`,
+/// refreshed from the broker whenever `/metrics` is scraped.
+pub const QUEUE_DEPTH: &str = "drover_queue_depth";
+
+/// The `route` label of requests no route matched (kept to one value to bound cardinality).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Histogram buckets, in seconds: sub-millisecond HTTP calls up to hour-long jobs (the
+/// recorder is process-wide, so the workers' `drover_job_duration_seconds` shares them).
+const BUCKETS: [f64; 21] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    300.0, 600.0, 1800.0, 3600.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder on first call and returns its handle; later
+/// calls return the same handle, so tests and `drover dev` (API and workers in one process)
+/// can all call it.
+///
+/// If some other recorder was installed first, metrics go to that one and the handle returned
+/// here renders nothing; a warning says so.
+pub fn install_metrics() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&BUCKETS)
+                .expect("the bucket list is not empty");
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    handle
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "another metrics recorder is installed; /metrics will be empty");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(JOBS_ENQUEUED_TOTAL, "Jobs accepted by the API");
+    metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered");
+    metrics::describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to answer an HTTP request"
+    );
+    metrics::describe_gauge!(QUEUE_DEPTH, "Jobs per queue and state, as of the last scrape");
+}
+
+pub(crate) fn job_enqueued(queue: &str, kind: &str) {
+    metrics::counter!(JOBS_ENQUEUED_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned())
+        .increment(1);
+}
+
+/// Sets the queue-depth gauges from the broker's statistics; gives up after `timeout` so that
+/// a down broker cannot hang a scrape (the gauges then keep their previous values).
+pub(crate) async fn refresh_queue_depths(broker: &dyn jobs::Producer, timeout: Duration) {
+    let refresh = async {
+        let queues = broker.queues().await?;
+        let stats = futures::future::join_all(queues.iter().map(|q| broker.stats(q))).await;
+        for (queue, stats) in queues.iter().zip(stats) {
+            match stats {
+                Ok(s) => {
+                    for (state, n) in [
+                        ("pending", s.pending),
+                        ("scheduled", s.scheduled),
+                        ("running", s.running),
+                        ("dead", s.dead),
+                    ] {
+                        metrics::gauge!(QUEUE_DEPTH, "queue" => queue.to_string(), "state" => state)
+                            .set(n as f64);
+                    }
+                }
+                Err(error) => tracing::warn!(%queue, %error, "queue statistics unavailable"),
+            }
+        }
+        Ok::<_, jobs::BrokerError>(())
+    };
+    match tokio::time::timeout(timeout, refresh).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "queue depths not refreshed"),
+        Err(_) => tracing::warn!(
+            ?timeout,
+            "queue depths not refreshed: the broker did not answer in time"
+        ),
+    }
+}
+
+/// Maps OpenAPI operation ids to their path templates (`/v1/jobs/{id}`): poem-openapi's router
+/// knows its paths only as `/v1/jobs/:param0`, but every operation tags its response with its
+/// id.
+pub(crate) struct RouteLabels {
+    by_operation: HashMap<&'static str, Arc<str>>,
+}
+
+impl RouteLabels {
+    pub(crate) fn from_api<T: OpenApi>() -> Self {
+        let by_operation = T::meta()
+            .into_iter()
+            .flat_map(|api| api.paths)
+            .flat_map(|path| {
+                let template: Arc<str> = path.path.into();
+                path.operations
+                    .into_iter()
+                    .filter_map(move |op| Some((op.operation_id?, template.clone())))
+            })
+            .collect();
+        Self { by_operation }
+    }
+
+    /// The route label of a response: its operation's template, else the pattern poem matched
+    /// (`/openapi.json`, `/docs`), else [`UNMATCHED_ROUTE`].
+    fn label(&self, resp: &Response) -> Arc<str> {
+        if let Some(template) = resp
+            .data::<OperationId>()
+            .and_then(|op| self.by_operation.get(op.0))
+        {
+            return template.clone();
+        }
+        match resp.data::<PathPattern>() {
+            // A 404 under a nested router carries the nest's pattern, not a route of its own;
+            // parameterised patterns are poem-openapi's (`:param0`) and handled above.
+            Some(p) if resp.status() != poem::http::StatusCode::NOT_FOUND && !p.0.contains(':') => {
+                p.0.clone()
+            }
+            _ => UNMATCHED_ROUTE.into(),
+        }
+    }
+}
+
+/// Counts and times every request by route template and status.
+pub(crate) struct HttpMetrics {
+    labels: Arc<RouteLabels>,
+}
+
+impl HttpMetrics {
+    pub(crate) fn new(labels: RouteLabels) -> Self {
+        Self {
+            labels: Arc::new(labels),
+        }
+    }
+}
+
+impl<E: Endpoint> Middleware<E> for HttpMetrics {
+    type Output = HttpMetricsEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        HttpMetricsEndpoint {
+            inner,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+pub(crate) struct HttpMetricsEndpoint<E> {
+    inner: E,
+    labels: Arc<RouteLabels>,
+}
+
+impl<E: Endpoint> Endpoint for HttpMetricsEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let started = Instant::now();
+        let resp = match self.inner.call(req).await {
+            Ok(resp) => resp.into_response(),
+            Err(err) => err.into_response(),
+        };
+        let route = self.labels.label(&resp);
+        metrics::counter!(
+            HTTP_REQUESTS_TOTAL,
+            "route" => route.clone(),
+            "status" => resp.status().as_str().to_owned()
+        )
+        .increment(1);
+        metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        Ok(resp)
+    }
+}

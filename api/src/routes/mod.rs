@@ -1,0 +1,35 @@
+//! The HTTP resources, one module each; every module is an `OpenApi` implementation over a
+//! clone of [`AppState`](crate::AppState). Every operation has an `operation_id`: the metrics
+//! middleware labels requests by the path template it maps to.
+
+use poem_openapi::Tags;
+
+use crate::AppState;
+
+/// `GET /healthz`, `GET /readyz`, `GET /metrics`.
+pub(crate) mod health;
+/// `POST /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
+pub(crate) mod jobs;
+/// `GET /v1/queues`, `GET /v1/queues/{queue}`.
+pub(crate) mod queues;
+
+/// The whole API, as poem-openapi composes it.
+pub(crate) type Api = (jobs::JobsApi, queues::QueuesApi, health::HealthApi);
+
+pub(crate) fn api(state: AppState) -> Api {
+    (
+        jobs::JobsApi::new(state.clone()),
+        queues::QueuesApi::new(state.clone()),
+        health::HealthApi::new(state),
+    )
+}
+
+#[derive(Tags)]
+pub(crate) enum ApiTags {
+    /// Enqueue, inspect and cancel jobs.
+    Jobs,
+    /// Queue depths and totals (also read by KEDA's metrics-api scaler).
+    Queues,
+    /// Liveness, readiness and Prometheus metrics.
+    Health,
+}

@@ -1,0 +1,1319 @@
+//! drover's RabbitMQ broker.
+//!
+//! Layout, for prefix `P` and queue `q` (all queues durable, classic, on the default exchange):
+//!
+//! | queue | holds |
+//! |---|---|
+//! | `P.q` | jobs ready to run. **KEDA's `rabbitmq` scaler reads its ready count (`queueName: P.q`).** |
+//! | `P.q.delay.<k>`, k = 0..=24 | delayed jobs and retries. Each queue has one `x-message-ttl` of 100 ms · 2^k and dead-letters expired messages back into `P.q`. |
+//! | `P.q.dead` | the dead set: jobs out of attempts or failed beyond retrying, error in header `x-drover-error` |
+//!
+//! A message's body is the [`Job`] envelope as JSON, with `attempt` = attempts already made; it
+//! is persistent, its `message_id` is the job id. Every publish waits for RabbitMQ's confirm, so
+//! a push never reports a job RabbitMQ does not have.
+//!
+//! **Delays without a plugin.** A job due in `d` ms goes to the delay queue of the largest `k`
+//! with 100 ms · 2^k ≤ `d`. Since every message in a delay queue has the same TTL, the head
+//! always expires first: no head-of-line blocking, no per-message TTL. When an expired message
+//! reaches a consumer still early, the consumer sends it down the next level the same way (each
+//! hop at least halves what is left) and keeps the last < 100 ms in memory, so a job is never
+//! delivered more than 5 ms early and typically within a few milliseconds of its time.
+//!
+//! **Job state.** RabbitMQ cannot look a message up, so `get`, `cancel`, `dead` and the running /
+//! done / failed counts read the history database the API and workers write in batches. A
+//! cancel marks the job there; consumers refresh the set of canceled ids every second and drop
+//! such jobs when they arrive (see [`CANCELED_REFRESH`] for the window).
+//!
+//! **Leases.** RabbitMQ keeps an unacknowledged message with its consumer until the consumer's
+//! channel closes (worker crash, connection loss), then requeues it: that is the visibility
+//! timeout, so `renew` has nothing to do. RabbitMQ's `consumer_timeout` (30 min by default)
+//! closes the channel of a consumer that holds a message longer; raise it for longer jobs.
+//!
+//! Not on RabbitMQ (yet): priorities (classic queues without `x-max-priority`), idempotency keys
+//! (a push is never reported as a duplicate), quorum queues for a RabbitMQ cluster (a
+//! `x-queue-type` option on [`declare_queues`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::{FutureExt, StreamExt, future::join_all};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    },
+    protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError},
+    types::{AMQPValue, FieldTable, ShortString},
+    uri::AMQPUri,
+};
+use sea_orm::DatabaseConnection;
+use tokio::time::Instant;
+
+use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+use crate::{
+    job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
+    queue::{BUILTIN_QUEUES, QueueName},
+};
+
+/// Delay queues per drover queue: 100 ms · 2^24 ≈ 19 days is the longest single hop.
+const DELAY_LEVELS: usize = 25;
+/// TTL of delay queue 0; below it a consumer waits in memory instead.
+const DELAY_BASE_MS: i64 = 100;
+/// A job due within this many milliseconds counts as due.
+const DUE_SLACK_MS: i64 = 5;
+/// Longest wait for a TCP + AMQP handshake; RabbitMQ down should be a quick 503, not a hang.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for any other answer from RabbitMQ (a confirm, a declare, opening a channel).
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat asked for when the URL names none (RabbitMQ proposes 60 s): a dead peer is noticed
+/// within about two of them, and the next call dials again.
+const HEARTBEAT_S: u16 = 10;
+/// How often consumers refresh the canceled set from the history database. A job canceled less
+/// than this long before it reaches a consumer (plus the API's history flush interval) may still
+/// run, as may a job already prefetched by a worker.
+const CANCELED_REFRESH: Duration = Duration::from_secs(1);
+/// How far back the canceled set reaches when a process starts, and how long an id stays in it:
+/// a delayed job canceled longer ago than this before it falls due is not recognized.
+const CANCELED_MEMORY: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+/// Each refresh re-reads this much before the previous one, covering clock skew between the API
+/// and the workers and history batches committed late.
+const CANCELED_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+/// Idle publishing channels kept per process.
+const POOLED_CHANNELS: usize = 16;
+/// Messages per publishing channel in one go; bigger batches spread over several channels.
+const PUBLISH_CHUNK: usize = 1_000;
+/// Header of dead messages carrying the last error.
+const ERROR_HEADER: &str = "x-drover-error";
+const MAX_ERROR_BYTES: usize = 8 * 1024;
+/// Room left for `.delay.24` and the queue name within AMQP's 255-byte names.
+const MAX_PREFIX_BYTES: usize = 128;
+/// Low bits of a receipt holding the delivery tag; the high bits hold the consumer channel's
+/// generation, so a tag from a channel that has since closed is never acknowledged on its
+/// successor (where the same number names another message).
+const TAG_BITS: u32 = 48;
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        use lapin::ErrorKind as K;
+        let unavailable = match e.kind() {
+            // Refusals that retrying will not fix: credentials, permissions, a queue declared
+            // elsewhere with other arguments, a vhost that does not exist.
+            K::ProtocolError(amqp) => !matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED | AMQPSoftError::PRECONDITIONFAILED)
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED | AMQPHardError::INVALIDPATH)
+            ),
+            K::InvalidProtocolVersion(_)
+            | K::ParsingError(_)
+            | K::SerialisationError(_)
+            | K::AuthProviderError(_)
+            | K::FutureCompleted
+            | K::NoDefaultRuntime => false,
+            // IO errors, missed heartbeats, closed connections and channels.
+            _ => true,
+        };
+        if unavailable {
+            BrokerError::Unavailable(format!("rabbitmq: {e}"))
+        } else {
+            BrokerError::Other(format!("rabbitmq: {e}"))
+        }
+    }
+}
+
+fn history_error(e: schema::DbError) -> BrokerError {
+    BrokerError::Unavailable(format!("history database: {e}"))
+}
+
+/// The same error again, for each of several messages that failed together.
+fn same_error(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Unavailable(m) => BrokerError::Unavailable(m.clone()),
+        BrokerError::UnsupportedUrl(m) => BrokerError::UnsupportedUrl(m.clone()),
+        BrokerError::Corrupt(m) => BrokerError::Corrupt(m.clone()),
+        BrokerError::Other(m) => BrokerError::Other(m.clone()),
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// Runs one exchange with RabbitMQ, giving up after [`RPC_TIMEOUT`].
+async fn timed<T>(what: &str, fut: impl Future<Output = lapin::Result<T>>) -> Result<T, BrokerError> {
+    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+        Ok(res) => res.map_err(Into::into),
+        Err(_) => Err(BrokerError::Unavailable(format!(
+            "rabbitmq: {what} got no answer within {RPC_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// The delay queue for a job due in `remaining_ms`: the longest TTL that does not overshoot.
+fn delay_level(remaining_ms: i64) -> Option<usize> {
+    if remaining_ms < DELAY_BASE_MS {
+        return None;
+    }
+    // 100 · 2^k ≤ remaining  ⇔  2^k ≤ ⌊remaining / 100⌋, as 2^k is an integer.
+    let ratio = (remaining_ms / DELAY_BASE_MS) as u64;
+    Some((ratio.ilog2() as usize).min(DELAY_LEVELS - 1))
+}
+
+fn delay_ttl_ms(level: usize) -> i64 {
+    DELAY_BASE_MS << level
+}
+
+fn receipt(generation: u64, delivery_tag: u64) -> u64 {
+    (generation << TAG_BITS) | (delivery_tag & ((1 << TAG_BITS) - 1))
+}
+
+fn delivery_tag(receipt: u64) -> u64 {
+    receipt & ((1 << TAG_BITS) - 1)
+}
+
+/// Queue names of one drover queue.
+#[derive(Debug)]
+struct Names {
+    main: String,
+    dead: String,
+    delays: Vec<String>,
+}
+
+impl Names {
+    fn new(prefix: &str, q: &QueueName) -> Self {
+        let main = format!("{prefix}.{q}");
+        Self {
+            dead: format!("{main}.dead"),
+            delays: (0..DELAY_LEVELS).map(|k| format!("{main}.delay.{k}")).collect(),
+            main,
+        }
+    }
+
+    /// Where a job due in `remaining_ms` waits.
+    fn for_remaining(&self, remaining_ms: i64) -> &str {
+        delay_level(remaining_ms).map_or(&self.main, |k| &self.delays[k])
+    }
+
+    /// Main, dead, then the delay queues in order.
+    fn all(&self) -> impl Iterator<Item = &str> {
+        [self.main.as_str(), self.dead.as_str()]
+            .into_iter()
+            .chain(self.delays.iter().map(String::as_str))
+    }
+}
+
+/// Declares a drover queue's main, dead and delay queues (idempotent while the arguments match).
+async fn declare_queues(channel: &Channel, names: &Names) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions::durable();
+    // Explicit, so a vhost whose default queue type is quorum gets the same semantics.
+    let classic = || {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+        args
+    };
+    channel
+        .queue_declare(names.main.as_str().into(), durable, classic())
+        .await?;
+    channel
+        .queue_declare(names.dead.as_str().into(), durable, classic())
+        .await?;
+    for (k, name) in names.delays.iter().enumerate() {
+        let mut args = classic();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ttl_ms(k)));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(names.main.as_str().into()),
+        );
+        channel.queue_declare(name.as_str().into(), durable, args).await?;
+    }
+    Ok(())
+}
+
+/// Properties of every message drover publishes.
+fn properties(id: Option<JobId>, error: Option<&str>) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_timestamp(now_ms().max(0) as u64 / 1_000);
+    if let Some(id) = id {
+        props = props.with_message_id(id.to_string().into());
+    }
+    if let Some(error) = error {
+        let mut end = error.len().min(MAX_ERROR_BYTES);
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut headers = FieldTable::default();
+        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(error[..end].into()));
+        props = props.with_headers(headers);
+    }
+    props
+}
+
+fn envelope(job: &Job) -> Result<Vec<u8>, BrokerError> {
+    serde_json::to_vec(job).map_err(|e| BrokerError::Other(format!("job {}: {e}", job.id)))
+}
+
+/// One message to publish on the default exchange.
+struct Outgoing {
+    queue: QueueName,
+    routing_key: String,
+    body: Vec<u8>,
+    props: BasicProperties,
+}
+
+enum PublishFailure {
+    /// RabbitMQ had no queue by that name: it was deleted, or RabbitMQ lost its definitions.
+    Unroutable,
+    /// The connection or channel failed under the publish.
+    Lost(BrokerError),
+    Broker(BrokerError),
+}
+
+/// One connection, dialed on first use and again whenever it has closed or failed.
+struct Link {
+    uri: AMQPUri,
+    name: String,
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl Link {
+    fn new(uri: AMQPUri, name: String) -> Self {
+        Self {
+            uri,
+            name,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        // One dial at a time; callers arriving meanwhile get its result.
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref()
+            && c.status().connected()
+        {
+            return Ok(c.clone());
+        }
+        *conn = None;
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let dialed = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(self.uri.clone(), props))
+            .await
+            .map_err(|_| {
+                BrokerError::Unavailable(format!(
+                    "rabbitmq: no connection to {}:{} within {CONNECT_TIMEOUT:?}",
+                    self.uri.authority.host, self.uri.authority.port
+                ))
+            })??;
+        tracing::info!(connection = %self.name, "connected to RabbitMQ");
+        let dialed = Arc::new(dialed);
+        *conn = Some(dialed.clone());
+        Ok(dialed)
+    }
+}
+
+/// A publishing channel in confirm mode, and the connection it lives on.
+struct Pooled {
+    channel: Channel,
+    _conn: Arc<Connection>,
+}
+
+impl Pooled {
+    fn usable(&self) -> bool {
+        self.channel.status().connected()
+    }
+}
+
+/// The producer side, shared by the whole process (clone it freely).
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    prefix: String,
+    db: DatabaseConnection,
+    /// Publishes: pushes, retries, dead jobs, delay hops. Kept apart from consumers because
+    /// RabbitMQ throttles a publishing connection under memory pressure (flow control), which
+    /// must not hold back the acks that free that memory.
+    publisher: Link,
+    /// Every consumer channel of this process.
+    consumer: Link,
+    pool: Mutex<Vec<Pooled>>,
+    /// Queues whose RabbitMQ queues this process has declared.
+    declared: Mutex<HashSet<QueueName>>,
+    names: Mutex<HashMap<QueueName, Arc<Names>>>,
+    /// Ids of canceled jobs, with when this process learned of them (epoch ms).
+    canceled: Mutex<HashMap<JobId, i64>>,
+    refresher: AtomicBool,
+}
+
+impl AmqpBroker {
+    /// Checks the URL and prefix; connects lazily, so drover starts (and reports not ready)
+    /// while RabbitMQ is down. `amqps://` needs a TLS feature of lapin, not enabled in this build.
+    pub async fn connect(url: &str, prefix: &str, db: DatabaseConnection) -> Result<Self, BrokerError> {
+        let mut uri: AMQPUri = url
+            .parse()
+            .map_err(|e| BrokerError::Other(format!("amqp URL: {e}")))?;
+        uri.query.heartbeat.get_or_insert(HEARTBEAT_S);
+        if prefix.is_empty() || prefix.len() > MAX_PREFIX_BYTES {
+            return Err(BrokerError::Other(format!(
+                "amqp queue prefix {prefix:?} must be 1 to {MAX_PREFIX_BYTES} bytes long"
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                prefix: prefix.to_owned(),
+                db,
+                publisher: Link::new(uri.clone(), format!("drover {prefix} publisher")),
+                consumer: Link::new(uri, format!("drover {prefix} consumers")),
+                pool: Mutex::default(),
+                declared: Mutex::default(),
+                names: Mutex::default(),
+                canceled: Mutex::default(),
+                refresher: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn names(&self, q: &QueueName) -> Arc<Names> {
+        let mut names = self.inner.names.lock().expect("names poisoned");
+        names
+            .entry(q.clone())
+            .or_insert_with(|| Arc::new(Names::new(&self.inner.prefix, q)))
+            .clone()
+    }
+
+    async fn take_channel(&self) -> Result<Pooled, BrokerError> {
+        loop {
+            let pooled = self.inner.pool.lock().expect("pool poisoned").pop();
+            match pooled {
+                Some(p) if p.usable() => return Ok(p),
+                // Closed with its connection, or by a channel error: forget it.
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let conn = self.inner.publisher.connection().await?;
+        let channel = timed("opening a channel", async {
+            let channel = conn.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok(channel)
+        })
+        .await?;
+        Ok(Pooled { channel, _conn: conn })
+    }
+
+    fn give_back(&self, pooled: Pooled) {
+        let mut pool = self.inner.pool.lock().expect("pool poisoned");
+        if pooled.usable() && pool.len() < POOLED_CHANNELS {
+            pool.push(pooled);
+        }
+    }
+
+    async fn ensure_declared(&self, q: &QueueName) -> Result<(), BrokerError> {
+        if self.inner.declared.lock().expect("declared poisoned").contains(q) {
+            return Ok(());
+        }
+        let names = self.names(q);
+        let pooled = self.take_channel().await?;
+        timed("declaring queues", declare_queues(&pooled.channel, &names)).await?;
+        self.give_back(pooled);
+        self.inner
+            .declared
+            .lock()
+            .expect("declared poisoned")
+            .insert(q.clone());
+        Ok(())
+    }
+
+    /// Makes the next use of `q` declare its queues again.
+    fn forget(&self, q: &QueueName) {
+        self.inner.declared.lock().expect("declared poisoned").remove(q);
+    }
+
+    /// Publishes every message, waiting for all confirms together; one result per message.
+    async fn publish_each(&self, msgs: &[Outgoing]) -> Vec<Result<(), BrokerError>> {
+        if msgs.is_empty() {
+            return Vec::new();
+        }
+        let queues: HashSet<&QueueName> = msgs.iter().map(|m| &m.queue).collect();
+        for q in queues {
+            if let Err(e) = self.ensure_declared(q).await {
+                return msgs.iter().map(|_| Err(same_error(&e))).collect();
+            }
+        }
+        let mut results: Vec<Option<Result<(), PublishFailure>>> = msgs.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..msgs.len()).collect();
+        for round in 0..2 {
+            let batch: Vec<&Outgoing> = pending.iter().map(|&i| &msgs[i]).collect();
+            let mut again = Vec::new();
+            let mut vanished: HashSet<&QueueName> = HashSet::new();
+            for (i, r) in pending.into_iter().zip(self.publish_chunked(&batch).await) {
+                match r {
+                    // Once more: a queue that vanished is declared again first, and a connection
+                    // that died since the channel's last use is dialed again (a message that had
+                    // reached RabbitMQ before its confirm was lost is then stored twice, as when
+                    // a client retries).
+                    Err(PublishFailure::Unroutable) if round == 0 => {
+                        vanished.insert(&msgs[i].queue);
+                        again.push(i);
+                    }
+                    Err(PublishFailure::Lost(_)) if round == 0 => again.push(i),
+                    r => results[i] = Some(r),
+                }
+            }
+            for q in vanished {
+                tracing::warn!(queue = %q, "RabbitMQ queue missing: declaring it again");
+                self.forget(q);
+                if let Err(e) = self.ensure_declared(q).await {
+                    for &i in &again {
+                        results[i] = Some(Err(PublishFailure::Broker(same_error(&e))));
+                    }
+                    again.clear();
+                    break;
+                }
+            }
+            if again.is_empty() {
+                break;
+            }
+            pending = again;
+        }
+        results
+            .into_iter()
+            .zip(msgs)
+            .map(
+                |(r, m)| match r.expect("every message has a result after the last round") {
+                    Ok(()) => Ok(()),
+                    Err(PublishFailure::Unroutable) => Err(BrokerError::Unavailable(format!(
+                        "rabbitmq: no queue {} to route to",
+                        m.routing_key
+                    ))),
+                    Err(PublishFailure::Lost(e) | PublishFailure::Broker(e)) => Err(e),
+                },
+            )
+            .collect()
+    }
+
+    /// All or nothing: the first failure, if any.
+    async fn publish_all(&self, msgs: &[Outgoing]) -> Result<(), BrokerError> {
+        self.publish_each(msgs).await.into_iter().collect()
+    }
+
+    /// Large batches go out on several channels at once.
+    async fn publish_chunked(&self, msgs: &[&Outgoing]) -> Vec<Result<(), PublishFailure>> {
+        join_all(
+            msgs.chunks(PUBLISH_CHUNK)
+                .map(|chunk| self.publish_on_one_channel(chunk)),
+        )
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    async fn publish_on_one_channel(&self, msgs: &[&Outgoing]) -> Vec<Result<(), PublishFailure>> {
+        let fail_all = |e: BrokerError| {
+            msgs.iter()
+                .map(|_| Err(PublishFailure::Broker(same_error(&e))))
+                .collect()
+        };
+        let pooled = match self.take_channel().await {
+            Ok(p) => p,
+            Err(e) => return fail_all(e),
+        };
+        let channel = &pooled.channel;
+        let confirmed = tokio::time::timeout(RPC_TIMEOUT, async {
+            // RabbitMQ numbers confirms in the order messages arrive on a channel, and lapin
+            // numbers them when a publish is first polled, in the same step that queues its
+            // frames. So each publish is polled once, in order, here (this task alone uses the
+            // channel); then the frame writes and the confirms are all awaited together rather
+            // than one round trip per message.
+            let mut sends = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let opts = BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                };
+                let mut send = Box::pin(channel.basic_publish(
+                    "".into(),
+                    m.routing_key.as_str().into(),
+                    opts,
+                    &m.body,
+                    m.props.clone(),
+                ));
+                let first = futures::poll!(send.as_mut());
+                sends.push((send, first));
+            }
+            join_all(sends.into_iter().map(|(send, first)| async move {
+                let confirm = match first {
+                    std::task::Poll::Ready(sent) => sent,
+                    std::task::Poll::Pending => send.await,
+                };
+                confirm?.await
+            }))
+            .await
+        })
+        .await;
+        let Ok(confirmed) = confirmed else {
+            return fail_all(BrokerError::Unavailable(format!(
+                "rabbitmq: {} messages not confirmed within {RPC_TIMEOUT:?}",
+                msgs.len()
+            )));
+        };
+        let healthy = confirmed.iter().all(Result::is_ok);
+        let out = confirmed
+            .into_iter()
+            .map(|c| match c {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(Confirmation::Ack(Some(_))) => Err(PublishFailure::Unroutable),
+                Ok(Confirmation::Nack(_)) => Err(PublishFailure::Broker(BrokerError::Unavailable(
+                    "rabbitmq refused to store a message (nack)".into(),
+                ))),
+                Ok(Confirmation::NotRequested) => Err(PublishFailure::Broker(BrokerError::Other(
+                    "rabbitmq: publisher confirms are off on this channel".into(),
+                ))),
+                Err(e) => Err(PublishFailure::Lost(e.into())),
+            })
+            .collect();
+        if healthy {
+            self.give_back(pooled);
+        }
+        out
+    }
+
+    fn is_canceled(&self, id: JobId) -> bool {
+        self.inner
+            .canceled
+            .lock()
+            .expect("canceled poisoned")
+            .contains_key(&id)
+    }
+
+    /// Starts the process's canceled-set refresher, once; it ends with the broker.
+    fn start_refresher(&self) {
+        if !self.inner.refresher.swap(true, Ordering::SeqCst) {
+            tokio::spawn(refresh_canceled(Arc::downgrade(&self.inner)));
+        }
+    }
+}
+
+async fn refresh_canceled(inner: Weak<Inner>) {
+    let mut since = Utc::now() - CANCELED_MEMORY;
+    let mut tick = tokio::time::interval(CANCELED_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let started = Utc::now();
+        match schema::queries::canceled_since(&inner.db, since).await {
+            Ok(ids) => {
+                let now = now_ms();
+                let mut canceled = inner.canceled.lock().expect("canceled poisoned");
+                for id in ids {
+                    canceled.entry(JobId(id)).or_insert(now);
+                }
+                let horizon = now - CANCELED_MEMORY.num_milliseconds();
+                canceled.retain(|_, learned| *learned >= horizon);
+                since = started - CANCELED_OVERLAP;
+            }
+            Err(e) => {
+                if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, "reading canceled jobs failed; canceled jobs may run");
+                    warned = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+fn record_from_row(row: &schema::entity::job::Model) -> Result<JobRecord, BrokerError> {
+    let status = row
+        .status
+        .parse::<JobState>()
+        .map_err(|e| BrokerError::Corrupt(format!("job {} in history: {e}", row.id)))?;
+    Ok(JobRecord {
+        id: JobId(row.id),
+        queue: row.queue.clone(),
+        kind: row.kind.clone(),
+        status,
+        attempts: row.attempts.max(0) as u32,
+        max_attempts: row.max_attempts.max(0) as u32,
+        priority: row.priority,
+        payload: row.payload.clone(),
+        created_at_ms: row.created_at.timestamp_millis(),
+        run_at_ms: row.run_at.map(|t| t.timestamp_millis()),
+        started_at_ms: row.started_at.map(|t| t.timestamp_millis()),
+        finished_at_ms: row.finished_at.map(|t| t.timestamp_millis()),
+        last_error: row.last_error.clone(),
+        worker_id: row.worker_id.clone(),
+        trace_id: row.trace_id.clone(),
+    })
+}
+
+#[async_trait]
+impl Producer for AmqpBroker {
+    async fn push(&self, job: Job) -> Result<Enqueued, BrokerError> {
+        let mut out = self.push_batch(vec![job]).await?;
+        out.pop()
+            .ok_or_else(|| BrokerError::Other("push returned nothing".into()))
+    }
+
+    async fn push_batch(&self, mut jobs: Vec<Job>) -> Result<Vec<Enqueued>, BrokerError> {
+        let now = now_ms();
+        let mut msgs = Vec::with_capacity(jobs.len());
+        for job in &mut jobs {
+            // A new job has made no attempts, whatever the caller's copy says.
+            job.attempt = 0;
+            let names = self.names(&job.queue);
+            msgs.push(Outgoing {
+                queue: job.queue.clone(),
+                routing_key: names
+                    .for_remaining(job.run_at_ms.map_or(0, |at| at - now))
+                    .to_owned(),
+                body: envelope(job)?,
+                props: properties(Some(job.id), None),
+            });
+        }
+        self.publish_all(&msgs).await?;
+        Ok(jobs
+            .iter()
+            .map(|j| Enqueued {
+                id: j.id,
+                duplicate: false,
+            })
+            .collect())
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {
+        let view = schema::queries::get_job(&self.inner.db, id.0)
+            .await
+            .map_err(history_error)?;
+        view.map(|v| record_from_row(&v.job)).transpose()
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
+        use schema::queries::CancelResult;
+        let res = schema::queries::cancel_job(&self.inner.db, id.0, Utc::now())
+            .await
+            .map_err(history_error)?;
+        Ok(match res {
+            CancelResult::Canceled => {
+                // This process's consumers skip it at once; others at their next refresh.
+                self.inner
+                    .canceled
+                    .lock()
+                    .expect("canceled poisoned")
+                    .insert(id, now_ms());
+                CancelOutcome::Canceled
+            }
+            CancelResult::NotFound => CancelOutcome::NotFound,
+            CancelResult::NotCancelable(status) => {
+                CancelOutcome::NotCancelable(status.parse().unwrap_or(JobState::Running))
+            }
+        })
+    }
+
+    /// `pending`, `scheduled` and `dead` are RabbitMQ's ready counts of the main, delay and dead
+    /// queues; `running`, `done` and `failed` come from the history database, where `failed`
+    /// counts jobs whose latest attempt failed (retrying or dead), not failed attempts.
+    async fn stats(&self, q: &QueueName) -> Result<QueueStats, BrokerError> {
+        self.ensure_declared(q).await?;
+        let names = self.names(q);
+        let pooled = self.take_channel().await?;
+        let counted = timed("counting messages", async {
+            let mut counts = Vec::with_capacity(2 + DELAY_LEVELS);
+            for name in names.all() {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                let queue = pooled
+                    .channel
+                    .queue_declare(name.into(), passive, FieldTable::default())
+                    .await;
+                if let Err(e) = &queue
+                    && is_not_found(e)
+                {
+                    self.forget(q);
+                }
+                counts.push(u64::from(queue?.message_count()));
+            }
+            Ok(counts)
+        })
+        .await?;
+        self.give_back(pooled);
+        let by_status = schema::queries::count_by_status(&self.inner.db, q.as_str())
+            .await
+            .map_err(history_error)?;
+        let count = |s: JobState| by_status.get(s.as_str()).copied().unwrap_or(0);
+        Ok(QueueStats {
+            queue: q.to_string(),
+            pending: counted[0],
+            dead: counted[1],
+            scheduled: counted[2..].iter().sum(),
+            running: count(JobState::Running),
+            done: count(JobState::Succeeded),
+            failed: count(JobState::Retrying) + count(JobState::Dead),
+        })
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
+        let declared = self.inner.declared.lock().expect("declared poisoned").clone();
+        let mut all: Vec<QueueName> = BUILTIN_QUEUES
+            .iter()
+            .map(|q| QueueName::parse(q).expect("valid"))
+            .chain(declared)
+            .collect();
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// From the history database, newest enqueued first.
+    async fn dead(&self, q: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {
+        let rows = schema::queries::list_jobs(
+            &self.inner.db,
+            Some(q.as_str()),
+            Some(JobState::Dead.as_str()),
+            limit,
+            offset,
+        )
+        .await
+        .map_err(history_error)?;
+        rows.iter().map(record_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let pooled = self.take_channel().await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        timed(
+            "ping",
+            pooled.channel.exchange_declare(
+                "amq.direct".into(),
+                ExchangeKind::Direct,
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        self.give_back(pooled);
+        Ok(())
+    }
+
+    async fn driver(&self, q: &QueueName, cfg: &ConsumerConfig) -> Result<Arc<dyn Driver>, BrokerError> {
+        self.ensure_declared(q).await?;
+        self.start_refresher();
+        Ok(Arc::new(AmqpDriver {
+            broker: self.clone(),
+            queue: q.clone(),
+            names: self.names(q),
+            consumer_tag: ShortString::try_new(cfg.worker.to_string())
+                .map(String::from)
+                .unwrap_or_default(),
+            // RabbitMQ's prefetch limits unacknowledged messages: those buffered by the backend
+            // (at most `prefetch`) *and* those running. With exactly `prefetch`, a full buffer
+            // plus running jobs would stall deliveries; twice `prefetch` leaves room for a
+            // concurrency up to `prefetch` (the default 100 is above drover's concurrencies), plus
+            // jobs held in memory for their last < 100 ms and acks not yet flushed.
+            qos: cfg.prefetch.max(1).saturating_mul(2).min(usize::from(u16::MAX)) as u16,
+            session: Mutex::new(None),
+            intake: tokio::sync::Mutex::default(),
+            unsettled: Mutex::default(),
+            generations: AtomicU64::new(0),
+        }))
+    }
+
+    fn depth_source(&self, q: &QueueName) -> String {
+        format!("rabbitmq queue {} (messages ready)", self.names(q).main)
+    }
+}
+
+/// One worker's consumer on one queue: a channel of its own on the process's consumer connection.
+struct AmqpDriver {
+    broker: AmqpBroker,
+    queue: QueueName,
+    names: Arc<Names>,
+    consumer_tag: String,
+    qos: u16,
+    /// The current consumer channel; `None` until the first fetch and after it failed.
+    session: Mutex<Option<Session>>,
+    intake: tokio::sync::Mutex<Intake>,
+    /// Receipts handed to the worker and not yet acknowledged, and whether the job's retry or
+    /// dead copy is already published (so that a settle tried again does not publish it twice).
+    unsettled: Mutex<HashMap<u64, bool>>,
+    generations: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Session {
+    channel: Channel,
+    generation: u64,
+    _conn: Arc<Connection>,
+}
+
+#[derive(Default)]
+struct Intake {
+    consumer: Option<Consumer>,
+    /// Deliveries due in less than [`DELAY_BASE_MS`]: kept (unacknowledged) until they are due.
+    held: Vec<Job>,
+}
+
+/// What to do with a delivery that is not handed to the worker.
+struct Diversion {
+    receipt: u64,
+    msg: Outgoing,
+}
+
+impl AmqpDriver {
+    fn current_session(&self) -> Option<Session> {
+        self.session.lock().expect("session poisoned").clone()
+    }
+
+    /// The consumer channel, opened again if it closed.
+    async fn session(&self, intake: &mut Intake) -> Result<Session, BrokerError> {
+        if intake.consumer.is_some()
+            && let Some(s) = self.current_session()
+            && s.channel.status().connected()
+        {
+            return Ok(s);
+        }
+        if intake.consumer.is_some() {
+            tracing::warn!(queue = %self.queue, "RabbitMQ consumer channel lost: opening a new one");
+        }
+        // Whatever the old channel delivered went back to the queue when it closed.
+        intake.consumer = None;
+        intake.held.clear();
+        *self.session.lock().expect("session poisoned") = None;
+        self.unsettled.lock().expect("unsettled poisoned").clear();
+
+        self.broker.ensure_declared(&self.queue).await?;
+        let conn = self.broker.inner.consumer.connection().await?;
+        let opened = tokio::time::timeout(RPC_TIMEOUT, async {
+            let channel = conn.create_channel().await?;
+            channel.basic_qos(self.qos, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(
+                    self.names.main.as_str().into(),
+                    self.consumer_tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, consumer))
+        })
+        .await;
+        let (channel, consumer) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => {
+                if is_not_found(&e) {
+                    self.broker.forget(&self.queue);
+                }
+                return Err(e.into());
+            }
+            Err(_) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "rabbitmq: opening a consumer got no answer within {RPC_TIMEOUT:?}"
+                )));
+            }
+        };
+        let session = Session {
+            channel,
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+            _conn: conn,
+        };
+        *self.session.lock().expect("session poisoned") = Some(session.clone());
+        intake.consumer = Some(consumer);
+        Ok(session)
+    }
+
+    /// Forgets the consumer channel; the next fetch opens a new one.
+    fn lose_session(&self, intake: &mut Intake) {
+        intake.consumer = None;
+        intake.held.clear();
+        *self.session.lock().expect("session poisoned") = None;
+        self.unsettled.lock().expect("unsettled poisoned").clear();
+    }
+
+    /// Sorts a delivery: due → `out`; due within 100 ms → held; later → the next delay queue;
+    /// canceled → dropped; unreadable → the dead queue.
+    fn sort(
+        &self,
+        data: Vec<u8>,
+        receipt: u64,
+        out: &mut Vec<Job>,
+        held: &mut Vec<Job>,
+        diversions: &mut Vec<Diversion>,
+        drops: &mut Vec<u64>,
+    ) {
+        let mut job: Job = match serde_json::from_slice(&data) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::error!(queue = %self.queue, error = %e, "unreadable message moved to the dead queue");
+                let error = format!("corrupt job envelope: {e}");
+                diversions.push(Diversion {
+                    receipt,
+                    msg: Outgoing {
+                        queue: self.queue.clone(),
+                        routing_key: self.names.dead.clone(),
+                        body: data,
+                        props: properties(None, Some(&error)),
+                    },
+                });
+                return;
+            }
+        };
+        if self.broker.is_canceled(job.id) {
+            tracing::debug!(job.id = %job.id, "skipping canceled job");
+            drops.push(receipt);
+            return;
+        }
+        job.attempt = job.attempt.saturating_add(1);
+        job.receipt = receipt;
+        let remaining = job.run_at_ms.map_or(0, |at| at - now_ms());
+        if remaining <= DUE_SLACK_MS {
+            out.push(job);
+        } else if remaining < DELAY_BASE_MS {
+            held.push(job);
+        } else {
+            let props = properties(Some(job.id), None);
+            diversions.push(Diversion {
+                receipt,
+                msg: Outgoing {
+                    queue: self.queue.clone(),
+                    routing_key: self.names.for_remaining(remaining).to_owned(),
+                    body: data,
+                    props,
+                },
+            });
+        }
+    }
+
+    /// Publishes diverted messages (confirmed), then acknowledges them and the dropped ones;
+    /// a message whose publish failed goes back to the queue.
+    async fn divert(
+        &self,
+        session: &Session,
+        diversions: Vec<Diversion>,
+        drops: Vec<u64>,
+    ) -> Result<(), BrokerError> {
+        let (receipts, msgs): (Vec<u64>, Vec<Outgoing>) =
+            diversions.into_iter().map(|d| (d.receipt, d.msg)).unzip();
+        let mut acks = drops;
+        let mut requeue = Vec::new();
+        let mut failure = None;
+        for (r, res) in receipts.into_iter().zip(self.broker.publish_each(&msgs).await) {
+            match res {
+                Ok(()) => acks.push(r),
+                Err(e) => {
+                    requeue.push(r);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        acknowledge(session, &acks, &requeue).await?;
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Acks and requeueing nacks, sent together and awaited together.
+async fn acknowledge(session: &Session, acks: &[u64], requeue: &[u64]) -> Result<(), BrokerError> {
+    if acks.is_empty() && requeue.is_empty() {
+        return Ok(());
+    }
+    let ch = &session.channel;
+    let nack = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    let sent = futures::future::join(
+        join_all(
+            acks.iter()
+                .map(|&r| ch.basic_ack(delivery_tag(r), BasicAckOptions::default())),
+        ),
+        join_all(requeue.iter().map(|&r| ch.basic_nack(delivery_tag(r), nack))),
+    );
+    let (acked, nacked) = tokio::time::timeout(RPC_TIMEOUT, sent)
+        .await
+        .map_err(|_| BrokerError::Unavailable("rabbitmq: acknowledgements not sent in time".into()))?;
+    acked
+        .into_iter()
+        .chain(nacked)
+        .collect::<lapin::Result<Vec<()>>>()?;
+    Ok(())
+}
+
+#[async_trait]
+impl Driver for AmqpDriver {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Job>, BrokerError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut intake = self.intake.lock().await;
+        let session = self.session(&mut intake).await?;
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        let mut diversions = Vec::new();
+        let mut drops = Vec::new();
+        loop {
+            // Held jobs that fell due join the batch.
+            let now = now_ms();
+            let mut i = 0;
+            while i < intake.held.len() && out.len() < max {
+                if intake.held[i].run_at_ms.unwrap_or(0) - now <= DUE_SLACK_MS {
+                    let job = intake.held.swap_remove(i);
+                    if self.broker.is_canceled(job.id) {
+                        drops.push(job.receipt);
+                    } else {
+                        out.push(job);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            // Early arrivals go down the next delay queue at once, or they would be late.
+            if !diversions.is_empty() || !drops.is_empty() {
+                let diverted = self
+                    .divert(
+                        &session,
+                        std::mem::take(&mut diversions),
+                        std::mem::take(&mut drops),
+                    )
+                    .await;
+                if let Err(e) = diverted {
+                    if !session.channel.status().connected() {
+                        self.lose_session(&mut intake);
+                        return Err(e);
+                    }
+                    if out.is_empty() {
+                        // Publishing is down: let the caller back off; the messages were requeued.
+                        return Err(e);
+                    }
+                    break;
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+            // Wait for the first job (or the next held one to fall due); after that take only
+            // what has already arrived.
+            let patience = if out.is_empty() {
+                let until_deadline = deadline.saturating_duration_since(Instant::now());
+                let until_held = intake
+                    .held
+                    .iter()
+                    .filter_map(|j| j.run_at_ms)
+                    .min()
+                    .map(|at| Duration::from_millis((at - DUE_SLACK_MS - now_ms()).max(0) as u64));
+                until_held.map_or(until_deadline, |h| h.min(until_deadline))
+            } else {
+                Duration::ZERO
+            };
+            let consumer = intake.consumer.as_mut().expect("opened by session()");
+            let next = if patience.is_zero() {
+                consumer.next().now_or_never()
+            } else {
+                tokio::time::timeout(patience, consumer.next()).await.ok()
+            };
+            let delivery = match next {
+                None => {
+                    if !out.is_empty() || Instant::now() >= deadline {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Some(Ok(delivery))) => delivery,
+                Some(Some(Err(e))) => {
+                    // Whatever this channel delivered goes back to the queue as it closes.
+                    self.lose_session(&mut intake);
+                    return Err(e.into());
+                }
+                Some(None) => {
+                    self.lose_session(&mut intake);
+                    self.broker.forget(&self.queue);
+                    return Err(BrokerError::Unavailable(format!(
+                        "rabbitmq canceled the consumer of {} (queue deleted?)",
+                        self.names.main
+                    )));
+                }
+            };
+            let r = receipt(session.generation, delivery.delivery_tag);
+            let Intake { held, .. } = &mut *intake;
+            self.sort(delivery.data, r, &mut out, held, &mut diversions, &mut drops);
+        }
+        self.unsettled
+            .lock()
+            .expect("unsettled poisoned")
+            .extend(out.iter().map(|j| (j.receipt, false)));
+        Ok(out)
+    }
+
+    async fn settle(&self, batch: Vec<Settlement>) -> Result<(), BrokerError> {
+        // Receipts of a channel that has closed are void: RabbitMQ has requeued those messages,
+        // so they run again (at least once) and nothing here may touch them.
+        let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let mut acks = Vec::new();
+        let mut receipts = Vec::new();
+        let mut msgs = Vec::new();
+        {
+            let unsettled = self.unsettled.lock().expect("unsettled poisoned");
+            for s in &batch {
+                let r = s.job.receipt;
+                let Some(&published) = unsettled.get(&r) else {
+                    continue;
+                };
+                let (routing_key, job, error) = match &s.outcome {
+                    Outcome::Succeeded => {
+                        acks.push(r);
+                        continue;
+                    }
+                    _ if published => {
+                        acks.push(r);
+                        continue;
+                    }
+                    Outcome::Retry { at_ms, .. } => {
+                        // `attempt` is the attempt that just ended: attempts made so far.
+                        let mut job = s.job.clone();
+                        job.run_at_ms = Some(*at_ms);
+                        (self.names.for_remaining(at_ms - now).to_owned(), job, None)
+                    }
+                    Outcome::Dead { error, .. } => {
+                        (self.names.dead.clone(), s.job.clone(), Some(error.as_str()))
+                    }
+                };
+                msgs.push(Outgoing {
+                    queue: self.queue.clone(),
+                    routing_key,
+                    body: envelope(&job)?,
+                    props: properties(Some(job.id), error),
+                });
+                receipts.push(r);
+            }
+        }
+        let mut failure = None;
+        let published = self.broker.publish_each(&msgs).await;
+        {
+            let mut unsettled = self.unsettled.lock().expect("unsettled poisoned");
+            for (r, res) in receipts.into_iter().zip(published) {
+                match res {
+                    Ok(()) => {
+                        // Absent if the channel was lost meanwhile: then the ack below fails too.
+                        if let Some(published) = unsettled.get_mut(&r) {
+                            *published = true;
+                        }
+                        acks.push(r);
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        acknowledge(&session, &acks, &[]).await?;
+        {
+            let mut unsettled = self.unsettled.lock().expect("unsettled poisoned");
+            for r in &acks {
+                unsettled.remove(r);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError> {
+        let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
+            return Ok(());
+        };
+        let receipts: Vec<u64> = {
+            let unsettled = self.unsettled.lock().expect("unsettled poisoned");
+            jobs.iter()
+                .map(|j| j.receipt)
+                .filter(|r| unsettled.contains_key(r))
+                .collect()
+        };
+        // Requeued as delivered: the body still says how many attempts were made.
+        acknowledge(&session, &[], &receipts).await?;
+        let mut unsettled = self.unsettled.lock().expect("unsettled poisoned");
+        for r in &receipts {
+            unsettled.remove(r);
+        }
+        Ok(())
+    }
+
+    async fn renew(&self, _held: &[JobId]) -> Result<(), BrokerError> {
+        // RabbitMQ holds unacknowledged messages for this consumer until its channel closes.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_picks_the_longest_queue_that_does_not_overshoot() {
+        assert_eq!(delay_level(-5), None);
+        assert_eq!(delay_level(99), None);
+        assert_eq!(delay_level(100), Some(0));
+        assert_eq!(delay_level(199), Some(0));
+        assert_eq!(delay_level(200), Some(1));
+        assert_eq!(delay_level(399), Some(1));
+        assert_eq!(delay_level(1_000), Some(3));
+        assert_eq!(delay_level(delay_ttl_ms(24)), Some(24));
+        assert_eq!(delay_level(i64::MAX), Some(24));
+        for remaining in [100, 150, 777, 12_345, 86_400_000] {
+            let k = delay_level(remaining).unwrap();
+            assert!(
+                delay_ttl_ms(k) <= remaining && remaining < 2 * delay_ttl_ms(k),
+                "{remaining}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_receipt_keeps_its_tag_and_tells_channels_apart() {
+        let a = receipt(1, 42);
+        let b = receipt(2, 42);
+        assert_ne!(a, b);
+        assert_eq!((delivery_tag(a), delivery_tag(b)), (42, 42));
+    }
+
+    #[test]
+    fn queue_names_follow_the_documented_layout() {
+        let n = Names::new("drover", &QueueName::parse("backups").unwrap());
+        assert_eq!(n.main, "drover.backups");
+        assert_eq!(n.dead, "drover.backups.dead");
+        assert_eq!(n.delays[24], "drover.backups.delay.24");
+        assert_eq!(n.for_remaining(50), "drover.backups");
+        assert_eq!(n.for_remaining(450), "drover.backups.delay.2");
+        assert_eq!(n.all().count(), 27);
+    }
+
+    #[test]
+    fn a_long_error_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let props = properties(None, Some(&long));
+        let headers = props.headers().as_ref().unwrap();
+        let Some(AMQPValue::LongString(v)) = headers.inner().get(ERROR_HEADER) else {
+            panic!()
+        };
+        assert!(v.len() <= MAX_ERROR_BYTES);
+        assert!(std::str::from_utf8(v.as_bytes()).is_ok());
+    }
+}

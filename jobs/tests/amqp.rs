@@ -1,0 +1,646 @@
+//! The RabbitMQ broker against a real RabbitMQ on 127.0.0.1:5672 (guest/guest), through the
+//! `Producer` / `Driver` interface the API and the workers use. Each test has its own queue
+//! prefix and history database, so tests run in parallel, and deletes its queues when done.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use jobs::{
+    BrokerError, BrokerOptions, ConsumerConfig, Driver, Job, JobId, JobState, Outcome, Producer, QueueName,
+    Settlement,
+    broker::CancelOutcome,
+    job::{AttemptOutcome, now_ms},
+};
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicGetOptions, QueueDeleteOptions},
+    types::AMQPValue,
+};
+use sea_orm::DatabaseConnection;
+use serde_json::value::RawValue;
+
+const ADDR: &str = "127.0.0.1:5672";
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Env {
+    broker: Arc<dyn Producer>,
+    db: DatabaseConnection,
+    prefix: String,
+    queue: QueueName,
+    _cleanup: Cleanup,
+}
+
+/// Deletes the test's queues and database file, also when the test fails.
+struct Cleanup {
+    prefix: String,
+    db_path: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        // Drop cannot await; a thread of its own with a small runtime can.
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(delete_queues(&prefix))
+        })
+        .join();
+        if !matches!(deleted, Ok(Ok(()))) {
+            eprintln!(
+                "could not delete the RabbitMQ queues of prefix {}: {deleted:?}",
+                self.prefix
+            );
+        }
+        let _ = std::fs::remove_file(&self.db_path);
+    }
+}
+
+fn queue_names(prefix: &str, queue: &str) -> Vec<String> {
+    let main = format!("{prefix}.{queue}");
+    let mut names = vec![main.clone(), format!("{main}.dead")];
+    names.extend((0..25).map(|k| format!("{main}.delay.{k}")));
+    names
+}
+
+async fn delete_queues(prefix: &str) -> Result<(), lapin::Error> {
+    let conn = Connection::connect(URL, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    for name in queue_names(prefix, "default") {
+        ch.queue_delete(name.into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn env() -> Env {
+    if tokio::net::TcpStream::connect(ADDR).await.is_err() {
+        panic!("RabbitMQ is not reachable at {ADDR}; start it with `rabbitmq-server -detached`");
+    }
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let db_path = std::env::temp_dir().join(format!("{prefix}-history.db"));
+    let db = schema::connect(&format!("sqlite://{}", db_path.display()))
+        .await
+        .unwrap();
+    schema::migrate(&db).await.unwrap();
+    let broker = jobs::broker::connect(
+        URL,
+        BrokerOptions {
+            prefix: prefix.clone(),
+            db: db.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    Env {
+        broker,
+        db,
+        prefix: prefix.clone(),
+        queue: QueueName::parse("default").unwrap(),
+        _cleanup: Cleanup { prefix, db_path },
+    }
+}
+
+fn job(q: &QueueName, max_attempts: u32) -> Job {
+    Job {
+        id: JobId::new(),
+        queue: q.clone(),
+        kind: "sleep".into(),
+        payload: RawValue::from_string(r#"{"ms":0}"#.into()).unwrap(),
+        max_attempts,
+        priority: 0,
+        enqueued_at_ms: now_ms(),
+        run_at_ms: None,
+        trace_id: None,
+        idempotency_key: None,
+        attempt: 0,
+        receipt: 0,
+    }
+}
+
+fn settle(job: Job, outcome: Outcome, worker: &ConsumerConfig) -> Settlement {
+    Settlement {
+        job,
+        outcome,
+        worker: worker.worker.clone(),
+        started_at_ms: now_ms(),
+        finished_at_ms: now_ms(),
+    }
+}
+
+/// Fetches until `n` jobs arrived or `within` passed.
+async fn fetch_n(d: &Arc<dyn Driver>, n: usize, within: Duration) -> Vec<Job> {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < n && start.elapsed() < within {
+        got.extend(d.fetch(n - got.len(), Duration::from_millis(200)).await.unwrap());
+    }
+    got
+}
+
+/// Polls `stats` until `done` holds for them, or fails after 5 s.
+async fn wait_for_stats(e: &Env, what: &str, done: impl Fn(&jobs::QueueStats) -> bool) -> jobs::QueueStats {
+    let start = Instant::now();
+    loop {
+        let s = e.broker.stats(&e.queue).await.unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_job_is_delivered_once_and_gone_after_its_ack() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let pushed = job(&e.queue, 3);
+    let res = e.broker.push(pushed.clone()).await.unwrap();
+    assert_eq!((res.id, res.duplicate), (pushed.id, false));
+
+    let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    let j = &got[0];
+    assert_eq!((j.id, j.attempt, j.max_attempts), (pushed.id, 1, 3));
+    assert_eq!(j.payload.get(), r#"{"ms":0}"#);
+    assert_ne!(j.receipt, 0, "a delivery carries its receipt");
+
+    d.settle(
+        got.into_iter()
+            .map(|j| settle(j, Outcome::Succeeded, &c))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        d.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty(),
+        "nothing delivered twice"
+    );
+    let s = e.broker.stats(&e.queue).await.unwrap();
+    assert_eq!((s.pending, s.scheduled, s.dead), (0, 0, 0), "{s:?}");
+    assert_eq!(
+        e.broker.depth_source(&e.queue),
+        format!("rabbitmq queue {}.default (messages ready)", e.prefix)
+    );
+    assert!(e.broker.queues().await.unwrap().contains(&e.queue));
+    e.broker.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_a_thousand_jobs_is_delivered_exactly_once() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let jobs: Vec<Job> = (0..1_000).map(|_| job(&e.queue, 3)).collect();
+    let mut ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+
+    let start = Instant::now();
+    let res = e.broker.push_batch(jobs).await.unwrap();
+    let took = start.elapsed();
+    println!(
+        "push_batch: 1000 confirmed jobs in {took:?} ({:.0} jobs/s)",
+        1_000.0 / took.as_secs_f64()
+    );
+    assert_eq!(
+        res.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids,
+        "results in request order"
+    );
+    let s = wait_for_stats(&e, "all pending", |s| s.pending == 1_000).await;
+    assert_eq!(s.scheduled, 0);
+
+    // Settled batch by batch, as a worker does: RabbitMQ hands one consumer at most twice its
+    // prefetch of unacknowledged jobs.
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < 1_000 && start.elapsed() < Duration::from_secs(20) {
+        let batch = d.fetch(c.prefetch, Duration::from_millis(200)).await.unwrap();
+        d.settle(
+            batch
+                .iter()
+                .cloned()
+                .map(|j| settle(j, Outcome::Succeeded, &c))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        got.extend(batch);
+    }
+    let took = start.elapsed();
+    println!(
+        "fetch + settle: {} jobs in {took:?} ({:.0} jobs/s)",
+        got.len(),
+        got.len() as f64 / took.as_secs_f64()
+    );
+    assert!(got.iter().all(|j| j.attempt == 1));
+    let mut seen: Vec<JobId> = got.iter().map(|j| j.id).collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "every job delivered exactly once");
+    assert!(
+        d.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty(),
+        "nothing delivered twice"
+    );
+    wait_for_stats(&e, "queue drained", |s| s.pending == 0).await;
+
+    let start = Instant::now();
+    for _ in 0..200 {
+        e.broker.push(job(&e.queue, 3)).await.unwrap();
+    }
+    println!(
+        "push: {:?} per confirmed job, one at a time",
+        start.elapsed() / 200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_comes_back_no_sooner_than_its_time_as_attempt_two() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    e.broker.push(job(&e.queue, 3)).await.unwrap();
+    let first = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
+    assert_eq!(first.attempt, 1);
+
+    let retry_at = now_ms() + 300;
+    let outcome = Outcome::Retry {
+        at_ms: retry_at,
+        error: "boom".into(),
+        how: AttemptOutcome::Failed,
+    };
+    d.settle(vec![settle(first.clone(), outcome, &c)]).await.unwrap();
+    let s = e.broker.stats(&e.queue).await.unwrap();
+    assert_eq!(
+        (s.pending, s.scheduled),
+        (0, 1),
+        "the retry waits in a delay queue: {s:?}"
+    );
+
+    let again = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("redelivered");
+    let late = now_ms() - retry_at;
+    println!("retry delivered {late} ms after its time");
+    assert!(late >= -5, "retry delivered {} ms early", -late);
+    assert!(late < 1_000, "retry delivered {late} ms late");
+    assert_eq!((again.id, again.attempt), (first.id, 2));
+    d.settle(vec![settle(again, Outcome::Succeeded, &c)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_job_lands_in_the_dead_queue_with_its_error_and_is_counted() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let id = e.broker.push(job(&e.queue, 1)).await.unwrap().id;
+    let j = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
+    let dead = Outcome::Dead {
+        error: "bad input".into(),
+        how: AttemptOutcome::Failed,
+    };
+    d.settle(vec![settle(j, dead, &c)]).await.unwrap();
+
+    let s = wait_for_stats(&e, "dead job counted", |s| s.dead == 1).await;
+    assert_eq!((s.pending, s.scheduled), (0, 0), "{s:?}");
+    assert!(
+        d.fetch(1, Duration::from_millis(300)).await.unwrap().is_empty(),
+        "a dead job is not delivered"
+    );
+
+    // What an operator finds in the dead queue: the envelope, attempts made, and the error.
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let msg = ch
+        .basic_get(
+            format!("{}.default.dead", e.prefix).into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("a message in the dead queue");
+    let body: serde_json::Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+    assert_eq!(body["id"], id.to_string());
+    assert_eq!(body["attempt"], 1);
+    let headers = msg.delivery.properties.headers().clone().unwrap();
+    let error = headers.inner().get("x-drover-error").cloned();
+    assert_eq!(error, Some(AMQPValue::LongString("bad input".into())));
+    assert_eq!(
+        msg.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string()),
+        Some(id.to_string())
+    );
+    assert_eq!(msg.delivery.properties.delivery_mode(), &Some(2), "persistent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_jobs_are_delivered_again_without_counting_an_attempt() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    e.broker
+        .push_batch((0..3).map(|_| job(&e.queue, 3)).collect())
+        .await
+        .unwrap();
+    let got = fetch_n(&d, 3, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 3);
+    d.release(got.clone()).await.unwrap();
+
+    let again = fetch_n(&d, 3, Duration::from_secs(5)).await;
+    let mut before: Vec<JobId> = got.iter().map(|j| j.id).collect();
+    let mut after: Vec<JobId> = again.iter().map(|j| j.id).collect();
+    before.sort();
+    after.sort();
+    assert_eq!(before, after);
+    assert!(
+        again.iter().all(|j| j.attempt == 1),
+        "a released job's attempt is not counted"
+    );
+    d.settle(
+        again
+            .into_iter()
+            .map(|j| settle(j, Outcome::Succeeded, &c))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert!(d.fetch(3, Duration::from_millis(300)).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_delayed_by_a_second_is_scheduled_and_not_delivered_early() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let mut j = job(&e.queue, 3);
+    let at = now_ms() + 1_000;
+    j.run_at_ms = Some(at);
+    e.broker.push(j).await.unwrap();
+    let s = e.broker.stats(&e.queue).await.unwrap();
+    assert_eq!((s.pending, s.scheduled), (0, 1), "{s:?}");
+
+    let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
+    let late = now_ms() - at;
+    println!("delayed job delivered {late} ms after its time");
+    assert_eq!(got.len(), 1);
+    assert!(late >= -5, "delivered {} ms early", -late);
+    assert!(late < 1_000, "delivered {late} ms late");
+    assert_eq!(got[0].attempt, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_due_in_less_than_a_delay_step_waits_for_its_time() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let mut j = job(&e.queue, 3);
+    let at = now_ms() + 60;
+    j.run_at_ms = Some(at);
+    e.broker.push(j).await.unwrap();
+    let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
+    let late = now_ms() - at;
+    assert_eq!(got.len(), 1);
+    assert!((-5..100).contains(&late), "delivered {late} ms after its time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_canceled_through_another_process_is_never_delivered() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    // The API: a broker of its own on the same queues and history database.
+    let api = jobs::broker::connect(
+        URL,
+        BrokerOptions {
+            prefix: e.prefix.clone(),
+            db: e.db.clone(),
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut doomed = job(&e.queue, 3);
+    doomed.run_at_ms = Some(now_ms() + 2_000);
+    api.push(doomed.clone()).await.unwrap();
+    let enqueued = schema::history::HistoryEvent::Enqueued {
+        id: doomed.id.0,
+        queue: e.queue.to_string(),
+        kind: doomed.kind.to_string(),
+        payload: serde_json::from_str(doomed.payload.get()).unwrap(),
+        max_attempts: 3,
+        priority: 0,
+        idempotency_key: None,
+        trace_id: None,
+        run_at: chrono::DateTime::from_timestamp_millis(doomed.run_at_ms.unwrap()),
+        at: chrono::Utc::now(),
+    };
+    schema::history::apply_batch(&e.db, &[enqueued]).await.unwrap();
+    assert_eq!(api.cancel(doomed.id).await.unwrap(), CancelOutcome::Canceled);
+    let record = e.broker.get(doomed.id).await.unwrap().expect("recorded");
+    assert_eq!(
+        (record.status, record.queue.as_str(), record.max_attempts),
+        (JobState::Canceled, "default", 3)
+    );
+    assert_eq!(api.cancel(JobId::new()).await.unwrap(), CancelOutcome::NotFound);
+
+    let kept = api.push(job(&e.queue, 3)).await.unwrap().id;
+    let got = fetch_n(&d, 2, Duration::from_secs(3)).await;
+    assert_eq!(
+        got.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [kept],
+        "the canceled job never runs"
+    );
+    let s = e.broker.stats(&e.queue).await.unwrap();
+    assert_eq!(
+        (s.pending, s.scheduled),
+        (0, 0),
+        "the canceled job is gone: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deleted_behind_drovers_back_is_declared_again_on_the_next_push() {
+    let e = env().await;
+    e.broker.push(job(&e.queue, 3)).await.unwrap();
+    delete_queues(&e.prefix).await.unwrap();
+    let id = e.broker.push(job(&e.queue, 3)).await.unwrap().id;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), [id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_rabbitmq_makes_calls_fail_as_unavailable_without_hanging() {
+    let dir = tempfile_path("unreachable");
+    let db = schema::connect(&format!("sqlite://{}", dir.display()))
+        .await
+        .unwrap();
+    // Connecting is lazy: drover starts while RabbitMQ is down.
+    let broker = jobs::broker::connect(
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        BrokerOptions {
+            prefix: "unreachable".into(),
+            db,
+        },
+    )
+    .await
+    .unwrap();
+    let q = QueueName::parse("default").unwrap();
+    let start = Instant::now();
+    let err = broker.push(job(&q, 3)).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(broker.ping().await.unwrap_err().is_unavailable());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
+    let _ = std::fs::remove_file(dir);
+}
+
+fn tempfile_path(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("t{}-{what}.db", uuid::Uuid::new_v4().simple()))
+}
+
+/// A TCP proxy in front of RabbitMQ whose connections the test can cut, as a network failure
+/// or a RabbitMQ restart would.
+struct Proxy {
+    url: String,
+    cut: tokio::sync::broadcast::Sender<()>,
+}
+
+async fn proxy() -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cut, _) = tokio::sync::broadcast::channel(1);
+    let cuts = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut stop = cuts.subscribe();
+            tokio::spawn(async move {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(ADDR).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    _ = stop.recv() => {}
+                }
+            });
+        }
+    });
+    Proxy {
+        url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        cut,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lost_connection_pushes_and_consumers_resume_and_unacked_jobs_come_back() {
+    let e = env().await;
+    let p = proxy().await;
+    let broker = jobs::broker::connect(
+        &p.url,
+        BrokerOptions {
+            prefix: e.prefix.clone(),
+            db: e.db.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let c = ConsumerConfig::default();
+    let d = broker.driver(&e.queue, &c).await.unwrap();
+    let a = broker.push(job(&e.queue, 3)).await.unwrap().id;
+    let held = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
+    assert_eq!(held.id, a);
+
+    p.cut.send(()).unwrap();
+
+    // A client retries a push that failed as unavailable; it goes through once redialed.
+    let start = Instant::now();
+    let mut failures = 0;
+    let b = loop {
+        match broker.push(job(&e.queue, 3)).await {
+            Ok(r) => break r.id,
+            Err(err) => {
+                assert!(err.is_unavailable(), "{err:?}");
+                failures += 1;
+                println!("push failed: {err}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "push never recovered: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    println!(
+        "push recovered after {failures} failures in {:?}",
+        start.elapsed()
+    );
+
+    // The worker's backend retries a failed fetch; the consumer reopens, and the job that was
+    // unacknowledged when the connection died is delivered again.
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "consumer never recovered: got {got:?}"
+        );
+        match d.fetch(2 - got.len(), Duration::from_millis(200)).await {
+            Ok(batch) => got.extend(batch),
+            Err(err) => {
+                assert!(err.is_unavailable(), "{err:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let mut ids: Vec<JobId> = got.iter().map(|j| j.id).collect();
+    ids.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(got.iter().all(|j| j.attempt == 1));
+
+    // The ack of the delivery from before the cut is void; it must not ack anything else.
+    d.settle(vec![settle(held, Outcome::Succeeded, &c)])
+        .await
+        .unwrap();
+    assert!(
+        d.fetch(2, Duration::from_millis(300)).await.unwrap().is_empty(),
+        "nothing lost or doubled"
+    );
+    d.settle(
+        got.into_iter()
+            .map(|j| settle(j, Outcome::Succeeded, &c))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert!(d.fetch(2, Duration::from_millis(300)).await.unwrap().is_empty());
+    let s = e.broker.stats(&e.queue).await.unwrap();
+    assert_eq!(s.pending, 0, "{s:?}");
+}
