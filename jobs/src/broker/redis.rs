@@ -396,6 +396,7 @@ impl Producer for RedisBroker {
             lease_ms: cfg.lease.as_millis() as u64,
             block_timeout: cfg.block + Duration::from_secs(5),
             blocking: tokio::sync::Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -414,6 +415,8 @@ struct RedisDriver {
     /// The connection idle waits block on; a blocked command would stall every other command
     /// multiplexed on a shared connection.
     blocking: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Cuts an idle wait short: a retry this worker schedules must not wait out the block.
+    wake: tokio::sync::Notify,
 }
 
 impl RedisDriver {
@@ -468,17 +471,34 @@ impl RedisDriver {
         }
         let conn = guard.as_mut().expect("set above");
         let claim = format!("{}{}", self.keys.claim_prefix, self.worker);
-        let res: Result<Option<String>, _> = redis::cmd("BLMOVE")
-            .arg(&self.keys.pending)
+        let mut cmd = redis::cmd("BLMOVE");
+        cmd.arg(&self.keys.pending)
             .arg(claim)
             .arg("RIGHT")
             .arg("LEFT")
-            .arg(wait.as_secs_f64().max(0.01))
-            .query_async(conn)
-            .await;
-        if let Err(e) = res {
-            *guard = None;
-            return Err(e.into());
+            .arg(wait.as_secs_f64().max(0.01));
+        let blmove = cmd.query_async::<Option<String>>(conn);
+        // Redis checks blocking timeouts on its `hz` tick (100 ms by default), so a wait for a
+        // scheduled job that falls due soon is timed here instead.
+        let local = tokio::time::sleep(if wait < Duration::from_secs(1) {
+            wait
+        } else {
+            Duration::MAX / 4
+        });
+        let res = tokio::select! {
+            res = blmove => Some(res),
+            _ = self.wake.notified() => None,
+            _ = local => None,
+        };
+        match res {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                *guard = None;
+                return Err(e.into());
+            }
+            // Cut short: the server still blocks this connection, so start afresh next time.
+            // An id it moves meanwhile lands in the claim list, which the next lease takes.
+            None => *guard = None,
         }
         Ok(())
     }
@@ -522,6 +542,11 @@ impl Driver for RedisDriver {
         }
         let mut conn = self.broker.conn.clone();
         let _: () = inv.invoke_async(&mut conn).await?;
+        // A retry may fall due before this worker's idle wait ends; the wait may also not have
+        // started yet, in which case the stored permit cuts the next one short.
+        if batch.iter().any(|s| matches!(s.outcome, Outcome::Retry { .. })) {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
