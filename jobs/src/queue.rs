@@ -6,6 +6,19 @@ use std::{fmt, sync::Arc};
 /// name one), as long as they are valid [`QueueName`]s.
 pub const BUILTIN_QUEUES: [&str; 6] = ["backups", "cache-warm", "analytics", "scoring", "default", "noop"];
 
+/// The built-in queues plus `seen` (names that don't parse are skipped), sorted, without
+/// duplicates: what every broker's queue listing returns.
+pub fn builtin_and(seen: impl IntoIterator<Item = QueueName>) -> Vec<QueueName> {
+    let mut all: Vec<QueueName> = BUILTIN_QUEUES
+        .iter()
+        .map(|q| QueueName::parse(q).expect("built-in queue names are valid"))
+        .chain(seen)
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
 /// A validated queue name: 1–64 characters of `a-z`, `0-9`, `-`, `_`, starting with a letter
 /// or digit. The restriction keeps names safe inside Redis keys (`drover:{name}:…`), AMQP
 /// queue names, metric labels and URLs without escaping.

@@ -62,7 +62,7 @@ use tokio::time::Instant;
 use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
-    queue::{BUILTIN_QUEUES, QueueName},
+    queue::QueueName,
 };
 
 /// Delay queues per drover queue: 100 ms · 2^24 ≈ 19 days is the longest single hop.
@@ -771,14 +771,7 @@ impl Producer for AmqpBroker {
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
         let declared = self.inner.declared.lock().expect("declared poisoned").clone();
-        let mut all: Vec<QueueName> = BUILTIN_QUEUES
-            .iter()
-            .map(|q| QueueName::parse(q).expect("valid"))
-            .chain(declared)
-            .collect();
-        all.sort();
-        all.dedup();
-        Ok(all)
+        Ok(crate::queue::builtin_and(declared))
     }
 
     /// From the history database, newest enqueued first.

@@ -32,7 +32,7 @@ use redis::{AsyncConnectionConfig, Client, Script, aio::ConnectionManager, aio::
 use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
-    queue::{BUILTIN_QUEUES, QueueName},
+    queue::QueueName,
 };
 
 /// How long a succeeded job's record stays in Redis for `GET /v1/jobs/{id}`; after that the
@@ -346,14 +346,9 @@ impl Producer for RedisBroker {
             .arg(self.queues_key())
             .query_async(&mut conn)
             .await?;
-        let mut all: Vec<QueueName> = BUILTIN_QUEUES
-            .iter()
-            .map(|q| QueueName::parse(q).expect("valid"))
-            .chain(seen.iter().filter_map(|q| QueueName::parse(q).ok()))
-            .collect();
-        all.sort();
-        all.dedup();
-        Ok(all)
+        Ok(crate::queue::builtin_and(
+            seen.iter().filter_map(|q| QueueName::parse(q).ok()),
+        ))
     }
 
     async fn dead(&self, q: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {

@@ -50,7 +50,7 @@ use tokio::{sync::Notify, time::Instant};
 use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
-    queue::{BUILTIN_QUEUES, QueueName},
+    queue::QueueName,
 };
 
 /// How long a succeeded or canceled job's row stays for `GET /v1/jobs/{id}`; after that the
@@ -737,14 +737,9 @@ impl Producer for SqliteBroker {
         let seen: Vec<String> = sqlx::query_scalar(q_(&self.sql().queues))
             .fetch_all(&self.inner.db.reader)
             .await?;
-        let mut all: Vec<QueueName> = BUILTIN_QUEUES
-            .iter()
-            .map(|q| QueueName::parse(q).expect("valid"))
-            .chain(seen.iter().filter_map(|q| QueueName::parse(q).ok()))
-            .collect();
-        all.sort();
-        all.dedup();
-        Ok(all)
+        Ok(crate::queue::builtin_and(
+            seen.iter().filter_map(|q| QueueName::parse(q).ok()),
+        ))
     }
 
     async fn dead(&self, queue: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {
