@@ -134,6 +134,13 @@ impl Catalog {
         let spec = self
             .get(kind)
             .ok_or_else(|| CatalogError::UnknownKind(kind.to_owned()))?;
+        // serde builds a struct from a JSON array too; payloads are objects, named fields only.
+        if !payload.get().trim_start().starts_with('{') {
+            return Err(CatalogError::InvalidPayload {
+                kind: kind.to_owned(),
+                reason: "must be a JSON object".into(),
+            });
+        }
         (spec.validate)(payload).map_err(|reason| CatalogError::InvalidPayload {
             kind: kind.to_owned(),
             reason,
@@ -185,6 +192,21 @@ mod tests {
                 .queue,
             "default"
         );
+    }
+
+    #[test]
+    fn a_payload_must_be_an_object() {
+        let c = Catalog::default();
+        for bad in ["[1]", "[]", "null", "1", r#""x""#] {
+            assert!(
+                matches!(
+                    c.validate("sleep", &raw(bad)),
+                    Err(CatalogError::InvalidPayload { .. })
+                ),
+                "{bad} accepted"
+            );
+        }
+        assert!(c.validate("noop", &raw(" {}")).is_ok());
     }
 
     #[test]
