@@ -20,6 +20,19 @@ up() { # name, host:port, start command
   fi
 }
 
+# A fresh machine of this kind has these; install them if one is missing (as root, Debian).
+need=()
+command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v rabbitmq-server >/dev/null || need+=(rabbitmq-server)
+command -v kill >/dev/null || need+=(procps)   # the SIGTERM tests signal the real binary
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  mkdir -p /var/lib/redis /var/log/redis
+fi
+
 up PostgreSQL 127.0.0.1:5432 'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'
 up Redis 127.0.0.1:6379 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log'
 up RabbitMQ 127.0.0.1:5672 'rabbitmq-server -detached'

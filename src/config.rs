@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
-use jobs::{CatalogConfig, QueueName, RetryPolicy};
+use jobs::{CatalogConfig, QueueName};
 
 /// A value that must never reach a log: prints as `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -131,14 +131,11 @@ pub fn catalog(conn: &Connections, retry: &RetryArgs) -> anyhow::Result<jobs::Ca
         || retry.retry_jitter.is_some();
     if any {
         let mut p = cfg.default_retry.take().unwrap_or_default();
-        let d = RetryPolicy::default();
         p.max_attempts = retry.retry_max_attempts.unwrap_or(p.max_attempts).max(1);
         p.initial_ms = retry.retry_initial_ms.unwrap_or(p.initial_ms);
         p.multiplier = retry.retry_multiplier.unwrap_or(p.multiplier);
         p.max_delay_ms = retry.retry_max_delay_ms.unwrap_or(p.max_delay_ms);
-        p.jitter = retry
-            .retry_jitter
-            .unwrap_or(if p == d { d.jitter } else { p.jitter });
+        p.jitter = retry.retry_jitter.unwrap_or(p.jitter);
         cfg.default_retry = Some(p);
     }
     Ok(jobs::Catalog::new(&cfg))

@@ -10,7 +10,7 @@ use std::{
 
 use drover::{
     app::{self, Migrations, Stack},
-    config::{ApiArgs, Connections, RetryArgs, Secret, WorkerArgs},
+    config::{ApiArgs, Connections, Secret, WorkerArgs},
 };
 use jobs::{CatalogConfig, JobId, RetryPolicy};
 use sea_orm::{ConnectionTrait, Database};
@@ -129,7 +129,6 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         .await
         .expect("connect the stack");
     let stack = Arc::new(stack);
-    let _ = RetryArgs::default();
     let listener = app::bind(&ApiArgs {
         listen: "127.0.0.1:0".into(),
     })
