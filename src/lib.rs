@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod bench;
 pub mod config;

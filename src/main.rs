@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use drover::{
     app::{self, Migrations, Stack},
+    bench,
     config::{self, ApiArgs, Connections, RetryArgs, WorkerArgs},
 };
 
@@ -75,6 +76,11 @@ enum Command {
         #[arg(long)]
         delay_s: Option<u64>,
     },
+    /// The queue benchmark (../shared/bench/WORKLOAD.md) on one broker: prints a `RESULT` line.
+    Bench(bench::BenchArgs),
+    /// The benchmark's worker process (started by `drover bench`).
+    #[command(hide = true)]
+    BenchWorker(bench::BenchWorkerArgs),
 }
 
 fn init_logging() {
@@ -187,5 +193,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", res.id);
             Ok(())
         }
+        Command::Bench(args) => bench::run(args).await,
+        Command::BenchWorker(args) => bench::worker(args).await,
     }
 }

@@ -37,6 +37,40 @@ use crate::{
 /// What workers receive: the job envelope, shared so that settling needs no copy.
 pub type JobRef = Arc<Job>;
 
+/// How many finished attempts the broker has recorded — acknowledged, rescheduled or moved to
+/// the dead set — since the process started. One atomic add per settled batch; waiters are
+/// woken after each batch (the benchmark waits on it to know a drain is complete).
+#[derive(Clone, Debug, Default)]
+pub struct SettledCount(Arc<SettledInner>);
+
+#[derive(Debug, Default)]
+struct SettledInner {
+    n: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl SettledCount {
+    pub fn get(&self) -> u64 {
+        self.0.n.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.n.fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+
+    /// Resolves once at least `n` attempts have been settled.
+    pub async fn reached(&self, n: u64) {
+        loop {
+            let changed = self.0.changed.notified();
+            if self.get() >= n {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// Leased jobs not yet settled; their leases are renewed while they are here.
 type Held = Arc<Mutex<HashSet<JobId>>>;
 
@@ -84,7 +118,13 @@ impl QueueBackend {
             cfg.lease / 3,
         ));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let flusher = tokio::spawn(settle_loop(driver.clone(), settle_rx, stop_rx, held.clone()));
+        let flusher = tokio::spawn(settle_loop(
+            driver.clone(),
+            settle_rx,
+            stop_rx,
+            held.clone(),
+            cfg.settled.clone(),
+        ));
         Self {
             queue,
             cfg,
@@ -226,6 +266,7 @@ async fn settle_loop(
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     mut stop: watch::Receiver<bool>,
     held: Held,
+    settled: SettledCount,
 ) {
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -254,10 +295,13 @@ async fn settle_loop(
             .await
             .is_ok()
             {
-                let mut held = held.lock().expect("held set poisoned");
-                for s in &batch {
-                    held.remove(&s.job.id);
+                {
+                    let mut held = held.lock().expect("held set poisoned");
+                    for s in &batch {
+                        held.remove(&s.job.id);
+                    }
                 }
+                settled.add(batch.len());
             }
         }
         if closing {

@@ -18,7 +18,7 @@ pub mod job;
 pub mod queue;
 pub mod retry;
 
-pub use backend::{JobRef, QueueBackend};
+pub use backend::{JobRef, QueueBackend, SettledCount};
 pub use broker::{
     BrokerError, BrokerOptions, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats,
 };

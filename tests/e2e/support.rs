@@ -53,7 +53,7 @@ pub(crate) struct TestApp {
     pub(crate) http: reqwest::Client,
     pub(crate) broker: Broker,
     pub(crate) prefix: String,
-    pub(crate) pickups: mpsc::UnboundedReceiver<(JobId, i64)>,
+    pub(crate) pickups: mpsc::UnboundedReceiver<workers::Pickup>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     stack: Option<Arc<Stack>>,

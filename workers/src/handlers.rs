@@ -36,9 +36,23 @@ pub fn payload<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, JobError>
 /// What handlers may use: shared connections and probes, one per process.
 #[derive(Clone, Default)]
 pub struct Deps {
-    /// Receives `(job id, pickup latency µs)` from `noop` jobs carrying `enqueued_at_us`;
-    /// the benchmark and the latency tests listen here.
-    pub pickup_probe: Option<mpsc::UnboundedSender<(JobId, i64)>>,
+    /// Receives a [`Pickup`] from every `noop` job carrying `enqueued_at_us`; the benchmark
+    /// and the latency tests listen here.
+    pub pickup_probe: Option<mpsc::UnboundedSender<Pickup>>,
+}
+
+/// When a probed job was enqueued and when its handler started (epoch µs, realtime clock).
+#[derive(Clone, Copy, Debug)]
+pub struct Pickup {
+    pub id: JobId,
+    pub enqueued_at_us: i64,
+    pub picked_up_at_us: i64,
+}
+
+impl Pickup {
+    pub fn latency_us(&self) -> i64 {
+        self.picked_up_at_us - self.enqueued_at_us
+    }
 }
 
 pub type Handler = fn(Arc<Job>, Arc<Deps>) -> BoxFuture<'static, Result<(), JobError>>;

@@ -14,5 +14,5 @@ pub mod handlers;
 pub mod history;
 pub mod runtime;
 
-pub use handlers::{Deps, JobError, Registry};
+pub use handlers::{Deps, JobError, Pickup, Registry};
 pub use runtime::{WorkerSettings, run};

@@ -43,6 +43,8 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     /// Prefix of this process's worker names (unique names are derived from it).
     pub name: String,
+    /// Attempts settled with the broker by this process's workers.
+    pub settled: jobs::SettledCount,
 }
 
 impl Default for WorkerSettings {
@@ -57,6 +59,7 @@ impl Default for WorkerSettings {
             lease: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             name: default_name(),
+            settled: Default::default(),
         }
     }
 }
@@ -94,6 +97,7 @@ pub async fn run(
             worker: worker.clone(),
             prefetch: settings.prefetch,
             lease: settings.lease,
+            settled: settings.settled.clone(),
             ..ConsumerConfig::default()
         };
         let driver = broker

@@ -834,6 +834,28 @@ impl Producer for AmqpBroker {
     fn depth_source(&self, q: &QueueName) -> String {
         format!("rabbitmq queue {} (messages ready)", self.names(q).main)
     }
+
+    /// Deletes the queues of every queue name this process has used or built in; job state in
+    /// the history database is left alone (it belongs to the database, not the broker).
+    async fn destroy(&self) -> Result<(), BrokerError> {
+        for q in self.queues().await? {
+            let names = self.names(&q);
+            let pooled = self.take_channel().await?;
+            for name in names.all() {
+                // RabbitMQ answers a delete of a missing queue with success.
+                timed(
+                    "deleting a queue",
+                    pooled
+                        .channel
+                        .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default()),
+                )
+                .await?;
+            }
+            self.give_back(pooled);
+            self.forget(&q);
+        }
+        Ok(())
+    }
 }
 
 /// One worker's consumer on one queue: a channel of its own on the process's consumer connection.

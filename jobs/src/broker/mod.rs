@@ -88,6 +88,9 @@ pub trait Producer: Send + Sync + 'static {
     async fn driver(&self, queue: &QueueName, cfg: &ConsumerConfig) -> Result<Arc<dyn Driver>, BrokerError>;
     /// Where KEDA reads the pending count of `queue` without drover in the path.
     fn depth_source(&self, queue: &QueueName) -> String;
+    /// Deletes everything this broker stored under its prefix: every queue, job, counter and
+    /// key. Irreversible; for benchmarks and tests that own their prefix.
+    async fn destroy(&self) -> Result<(), BrokerError>;
 }
 
 /// Tuning of one consumer; the defaults are the production defaults.
@@ -102,6 +105,8 @@ pub struct ConsumerConfig {
     pub lease: Duration,
     /// Longest single blocking wait for new work; bounds how long shutdown waits for the fetcher.
     pub block: Duration,
+    /// Counts attempts whose outcome the broker has recorded (shared by a process's workers).
+    pub settled: crate::backend::SettledCount,
 }
 
 impl Default for ConsumerConfig {
@@ -111,6 +116,7 @@ impl Default for ConsumerConfig {
             prefetch: 100,
             lease: Duration::from_secs(30),
             block: Duration::from_secs(1),
+            settled: Default::default(),
         }
     }
 }

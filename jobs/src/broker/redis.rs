@@ -398,6 +398,44 @@ impl Producer for RedisBroker {
     fn depth_source(&self, q: &QueueName) -> String {
         format!("redis LIST {} (LLEN)", self.keys(q).pending)
     }
+
+    async fn destroy(&self) -> Result<(), BrokerError> {
+        // Glob metacharacters in the prefix must match literally.
+        let mut pattern = String::with_capacity(self.prefix.len() + 2);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push_str(":*");
+        let mut conn = self.conn.clone();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut conn)
+                .await?;
+            // One key per call: keys of different queues live in different cluster slots.
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("UNLINK").arg(k).ignore();
+            }
+            if !keys.is_empty() {
+                let _: () = pipe.query_async(&mut conn).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        self.known_queues.lock().expect("poisoned").clear();
+        Ok(())
+    }
 }
 
 /// One worker's view of one queue.

@@ -777,6 +777,24 @@ impl Producer for SqliteBroker {
     fn depth_source(&self, queue: &QueueName) -> String {
         format!("sqlite: not readable by KEDA; use GET /v1/queues/{queue} (metrics-api scaler)")
     }
+
+    async fn destroy(&self) -> Result<(), BrokerError> {
+        let p = &self.inner.prefix;
+        let mut tx = self.begin_write().await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            r#"DROP TABLE IF EXISTS "{p}_queue_job"; DROP TABLE IF EXISTS "{p}_queue";
+               DROP TABLE IF EXISTS "{p}_queue_idempotency_key";"#
+        )))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.inner
+            .known_queues
+            .lock()
+            .expect("known queues poisoned")
+            .clear();
+        Ok(())
+    }
 }
 
 /// One worker's view of one queue.

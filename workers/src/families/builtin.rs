@@ -7,13 +7,18 @@ use jobs::{
     catalog::{Noop, Sleep},
 };
 
-use crate::handlers::{Deps, JobError, payload};
+use crate::handlers::{Deps, JobError, Pickup, payload};
 
 pub async fn noop(job: Arc<Job>, deps: Arc<Deps>) -> Result<(), JobError> {
     if let Some(probe) = &deps.pickup_probe {
+        let picked_up_at_us = now_us();
         let p: Noop = payload(&job)?;
-        if let Some(at) = p.enqueued_at_us {
-            let _ = probe.send((job.id, now_us() - at));
+        if let Some(enqueued_at_us) = p.enqueued_at_us {
+            let _ = probe.send(Pickup {
+                id: job.id,
+                enqueued_at_us,
+                picked_up_at_us,
+            });
         }
     }
     Ok(())
