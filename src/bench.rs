@@ -134,7 +134,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "RESULT name=drover-{broker_kind} jobs={} enqueue_s={:.3} drain_s={:.3} jobs_per_s={:.0} \
          p50_ms={:.2} p99_ms={:.2} max_ms={:.2} drain_wall_s={:.3} enqueue_per_s={:.0} bulk=yes \
-         conc={} lat_n={} lat_rate={:.0} rss_mib={:.0} load1={} history={history} chunk={}",
+         conc={} lat_n={} lat_rate={:.0} rss_mib={:.0} load1={} history={history} chunk={} \
+         worker_cpu_us={:.1} broker_cpu_us={}",
         args.n,
         m.enqueue_s,
         m.drain_s,
@@ -150,6 +151,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         m.rss_kib as f64 / 1024.0,
         m.load1,
         args.chunk,
+        m.worker_cpu_us,
+        m.broker_cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
     );
     Ok(())
 }
@@ -163,6 +166,9 @@ struct Measured {
     lat_rate: f64,
     rss_kib: u64,
     load1: String,
+    /// CPU time per drained job: the worker process's (start-up included), the broker's.
+    worker_cpu_us: f64,
+    broker_cpu_us: Option<f64>,
 }
 
 async fn workload(
@@ -214,11 +220,18 @@ async fn workload(
     }
     eprintln!("bench: enqueued {} in {enqueue_s:.3}s", args.n);
 
+    let broker_cpu_before = broker_cpu_us(conn).await;
     let spawned_us = now_us();
     let mut child = spawn_worker(args, conn)?;
+    let pid = child.id().unwrap_or_default();
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     let first_us: i64 = expect_line(&mut lines, &mut child, "first").await?.parse()?;
     let drained_us: i64 = expect_line(&mut lines, &mut child, "drained").await?.parse()?;
+    let worker_cpu_us = process_cpu_ns(pid).unwrap_or_default() as f64 / 1e3 / args.n as f64;
+    let broker_cpu_us = match (broker_cpu_before, broker_cpu_us(conn).await) {
+        (Some(a), Some(b)) => Some((b - a) / args.n as f64),
+        _ => None,
+    };
     let drain_s = (drained_us - first_us) as f64 / 1e6;
     let drain_wall_s = (drained_us - spawned_us) as f64 / 1e6;
     eprintln!("bench: drained in {drain_s:.3}s (wall incl. worker start {drain_wall_s:.3}s)");
@@ -266,7 +279,39 @@ async fn workload(
         lat_rate,
         rss_kib,
         load1,
+        worker_cpu_us,
+        broker_cpu_us,
     })
+}
+
+/// CPU time of every thread of a live process so far, in ns (scheduler statistics, which are
+/// exact where `/proc/PID/stat` counts 10 ms ticks).
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// The Redis server's CPU time so far (`INFO cpu`), in µs; `None` for other brokers.
+async fn broker_cpu_us(conn: &Connections) -> Option<f64> {
+    let url = conn.broker_url.expose();
+    if !url.starts_with("redis") {
+        return None;
+    }
+    let client = redis::Client::open(url).ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await.ok()?;
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("used_cpu_user")? + field("used_cpu_sys")?) * 1e6)
 }
 
 fn spawn_worker(args: &BenchArgs, conn: &Connections) -> anyhow::Result<Child> {

@@ -455,6 +455,7 @@ struct RedisDriver {
 impl RedisDriver {
     async fn lease(&self, max: usize) -> Result<(Vec<Job>, Option<i64>), BrokerError> {
         let k = &self.keys;
+        let now = now_ms();
         let mut conn = self.broker.conn.clone();
         let out: Vec<redis::Value> = self
             .broker
@@ -467,8 +468,8 @@ impl RedisDriver {
             .key(&k.workers)
             .key(&k.dead)
             .key(&k.stats)
-            .arg(now_ms())
-            .arg(self.lease_ms)
+            .arg(now)
+            .arg(now + self.lease_ms as i64)
             .arg(max)
             .arg(&*self.worker)
             .arg(&k.job_prefix)
@@ -559,7 +560,7 @@ impl Driver for RedisDriver {
             .key(&k.dead)
             .key(&k.stats)
             .key(&k.pending);
-        inv.arg(&k.job_prefix).arg(DONE_TTL_S);
+        inv.arg(&k.job_prefix).arg(DONE_TTL_S).arg(&*self.worker);
         for s in &batch {
             let (code, at, err) = match &s.outcome {
                 Outcome::Succeeded => ("s", 0, ""),
@@ -570,7 +571,6 @@ impl Driver for RedisDriver {
                 .arg(code)
                 .arg(at)
                 .arg(err)
-                .arg(&*s.worker)
                 .arg(s.finished_at_ms);
         }
         let mut conn = self.broker.conn.clone();
@@ -648,10 +648,10 @@ return out
 
 const FETCH_LUA: &str = r#"
 -- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats
--- ARGV: now ms, lease ms, max jobs, worker, job prefix, claim prefix
+-- ARGV: now ms, lease deadline ms, max jobs, worker, job prefix, claim prefix
 -- Returns: next scheduled run-at ms (-1 if none), then attempt, envelope per leased job.
-local now, lease, max, worker, jp, cp = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
-local deadline = now + lease
+-- Times stay strings: Lua formats numbers through printf, which costs more than the commands.
+local now, deadline, max, worker, jp, cp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 redis.call('ZADD', KEYS[5], deadline, worker)
 
 -- Claims of workers that stopped heartbeating go back to the front of the line.
@@ -693,28 +693,32 @@ end
 local out = {-1}
 local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 if nxt[2] then out[1] = tonumber(nxt[2]) end
+local leased = {}
 for _, id in ipairs(ids) do
   local jk = jp .. id
-  local h = redis.call('HMGET', jk, 's', 'd')
+  local h = redis.call('HMGET', jk, 's', 'd', 'a')
   -- Anything else was canceled while its id sat in a claim list, or expired.
   if h[1] == 'pending' then
-    local a = redis.call('HINCRBY', jk, 'a', 1)
-    redis.call('HSET', jk, 's', 'running', 'w', worker, 'st', now)
-    redis.call('ZADD', KEYS[2], deadline, id)
+    local a = tostring(tonumber(h[3]) + 1)
+    redis.call('HSET', jk, 's', 'running', 'a', a, 'w', worker, 'st', now)
+    leased[#leased + 1] = deadline
+    leased[#leased + 1] = id
     out[#out + 1] = a
     out[#out + 1] = h[2]
   end
 end
+if #leased > 0 then redis.call('ZADD', KEYS[2], unpack(leased)) end
 return out
 "#;
 
 const SETTLE_LUA: &str = r#"
 -- KEYS: leased, scheduled, dead, stats, pending
--- ARGV: job prefix, done ttl s, then per job: id, s|r|d, retry-at ms, error, worker, finished ms
-local jp, ttl = ARGV[1], tonumber(ARGV[2])
+-- ARGV: job prefix, done ttl s, worker, then per job: id, s|r|d, retry-at ms, error, finished ms
+local jp, ttl, w = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local done, failed = 0, 0
-for i = 3, #ARGV, 6 do
-  local id, o, at, err, w, ft = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+local unleased = {}
+for i = 4, #ARGV, 5 do
+  local id, o, at, err, ft = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local jk = jp .. id
   local cur = redis.call('HMGET', jk, 's', 'w')
   local mine = cur[1] == 'running' and cur[2] == w
@@ -723,7 +727,7 @@ for i = 3, #ARGV, 6 do
     mine = redis.call('LREM', KEYS[5], 1, id) == 1
   end
   if mine then
-    redis.call('ZREM', KEYS[1], id)
+    unleased[#unleased + 1] = id
     if o == 's' then
       done = done + 1
       if ttl > 0 then
@@ -743,6 +747,7 @@ for i = 3, #ARGV, 6 do
     end
   end
 end
+if #unleased > 0 then redis.call('ZREM', KEYS[1], unpack(unleased)) end
 if done > 0 then redis.call('HINCRBY', KEYS[4], 'done', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[4], 'failed', failed) end
 return 0
