@@ -6,10 +6,13 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:{q}:pending` | LIST | ids ready to run; LPUSH in, taken from the right. **KEDA reads its LLEN.** |
-//! | `P:{q}:job:<id>` | HASH | `d` envelope, `s` status, `a` attempts, `m` max attempts, `c` created, `e` last error, `w` worker, `st`/`ft` started/finished ms |
+//! | `P:{q}:data` | HASH | id → the job's envelope (JSON), written once at enqueue |
+//! | `P:{q}:state` | HASH | id → `status\|attempts\|worker\|started ms\|finished ms` |
+//! | `P:{q}:error` | HASH | id → the last attempt's error |
 //! | `P:{q}:scheduled` | ZSET | delayed jobs and retries, scored by run-at ms |
 //! | `P:{q}:leased` | ZSET | jobs handed to a worker, scored by lease deadline |
 //! | `P:{q}:dead` | ZSET | the dead set, scored by time of death |
+//! | `P:{q}:finished` | ZSET | succeeded and canceled jobs, scored by when; removed after an hour |
 //! | `P:{q}:workers` | ZSET | consumers, scored by heartbeat deadline |
 //! | `P:{q}:claim:<worker>` | LIST | ids a blocked worker popped and is about to lease |
 //! | `P:{q}:stats` | HASH | `done`, `failed` counters |
@@ -17,8 +20,11 @@
 //! | `P:queues` | SET | queues that have had jobs |
 //!
 //! Every state change is one Lua script over one queue's keys, so a job is always in exactly
-//! one of pending / scheduled / leased / dead (or finished). Fetch and settle work on batches;
-//! an idle worker waits in `BLMOVE` on a connection of its own.
+//! one of pending / scheduled / leased / dead / finished. Job fields live in per-queue hashes
+//! rather than a hash per job so that a script touches a whole batch with one variadic command
+//! per structure (`HMGET`/`HSET`/`ZADD`/`ZREM` over 100 ids) instead of several commands per job:
+//! that is what makes a fetch or a settlement cost about the same for 1 job as for 100.
+//! An idle worker waits in `BLMOVE` on a connection of its own.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -35,13 +41,14 @@ use crate::{
     queue::QueueName,
 };
 
-/// How long a succeeded job's record stays in Redis for `GET /v1/jobs/{id}`; after that the
-/// history database answers.
-const DONE_TTL_S: u64 = 3_600;
+/// How long a succeeded or canceled job's record stays in Redis for `GET /v1/jobs/{id}`; after
+/// that the history database answers.
+const FINISHED_TTL_MS: i64 = 3_600_000;
 /// How long an idempotency key maps to its first job.
 const IDEMPOTENCY_WINDOW_S: u64 = 86_400;
-/// Jobs per script call when pushing a batch, so one call never blocks Redis for long.
-const PUSH_CHUNK: usize = 2_000;
+/// Jobs per script call when pushing a batch, so one call never blocks Redis for long (and
+/// Lua's `unpack` stays far below its limit of about 8,000 values).
+const PUSH_CHUNK: usize = 1_000;
 
 impl From<redis::RedisError> for BrokerError {
     fn from(e: redis::RedisError) -> Self {
@@ -66,9 +73,12 @@ struct Keys {
     scheduled: String,
     leased: String,
     dead: String,
+    finished: String,
     workers: String,
     stats: String,
-    job_prefix: String,
+    data: String,
+    state: String,
+    error: String,
     claim_prefix: String,
     idem_prefix: String,
 }
@@ -81,16 +91,42 @@ impl Keys {
             scheduled: format!("{base}:scheduled"),
             leased: format!("{base}:leased"),
             dead: format!("{base}:dead"),
+            finished: format!("{base}:finished"),
             workers: format!("{base}:workers"),
             stats: format!("{base}:stats"),
-            job_prefix: format!("{base}:job:"),
+            data: format!("{base}:data"),
+            state: format!("{base}:state"),
+            error: format!("{base}:error"),
             claim_prefix: format!("{base}:claim:"),
             idem_prefix: format!("{base}:idem:"),
         }
     }
+}
 
-    fn job(&self, id: &str) -> String {
-        format!("{}{id}", self.job_prefix)
+/// A job's entry in `P:{q}:state`: `status|attempts|worker|started ms|finished ms`, empty
+/// fields where unknown.
+struct StateEntry<'a> {
+    status: JobState,
+    attempts: u32,
+    worker: Option<&'a str>,
+    started_at_ms: Option<i64>,
+    finished_at_ms: Option<i64>,
+}
+
+impl<'a> StateEntry<'a> {
+    fn parse(s: &'a str) -> Option<Self> {
+        let mut f = s.splitn(5, '|');
+        let status = f.next()?.parse().ok()?;
+        let attempts = f.next()?.parse().ok()?;
+        let worker = f.next().filter(|w| !w.is_empty());
+        let int = |v: Option<&str>| v.and_then(|v| v.parse::<i64>().ok());
+        Some(Self {
+            status,
+            attempts,
+            worker,
+            started_at_ms: int(f.next()),
+            finished_at_ms: int(f.next()),
+        })
     }
 }
 
@@ -177,21 +213,20 @@ impl RedisBroker {
 
     async fn push_chunk(&self, q: &QueueName, jobs: &[Job]) -> Result<Vec<Enqueued>, BrokerError> {
         let keys = self.keys(q);
-        let now = now_ms();
         let mut inv = self.scripts.push.prepare_invoke();
-        inv.key(&keys.pending).key(&keys.scheduled);
-        inv.arg(&keys.job_prefix)
-            .arg(&keys.idem_prefix)
-            .arg(IDEMPOTENCY_WINDOW_S)
-            .arg(now);
+        inv.key(&keys.pending)
+            .key(&keys.scheduled)
+            .key(&keys.data)
+            .key(&keys.state);
+        inv.arg(&keys.idem_prefix).arg(IDEMPOTENCY_WINDOW_S).arg(now_ms());
+        let mut data = Vec::with_capacity(256);
         for job in jobs {
-            let data = serde_json::to_string(job).map_err(|e| BrokerError::Other(e.to_string()))?;
+            data.clear();
+            serde_json::to_writer(&mut data, job).map_err(|e| BrokerError::Other(e.to_string()))?;
             inv.arg(job.id.to_string())
-                .arg(data)
+                .arg(&data[..])
                 .arg(job.run_at_ms.unwrap_or(0))
-                .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                .arg(job.max_attempts)
-                .arg(job.enqueued_at_ms);
+                .arg(job.idempotency_key.as_deref().unwrap_or(""));
         }
         let mut conn = self.conn.clone();
         let out: Vec<String> = inv.invoke_async(&mut conn).await?;
@@ -207,47 +242,60 @@ impl RedisBroker {
             .collect()
     }
 
-    /// Finds which queue holds a job; `P:queues` lists every queue that ever had one.
-    async fn locate(&self, id: JobId) -> Result<Option<(QueueName, HashMap<String, String>)>, BrokerError> {
+    /// Finds which queue holds a job (`P:queues` lists every queue that ever had one) and
+    /// reads its record there.
+    async fn locate(&self, id: JobId) -> Result<Option<(QueueName, JobRecord)>, BrokerError> {
         let mut conn = self.conn.clone();
         let queues = self.queues().await?;
-        let id = id.to_string();
+        let field = id.to_string();
         let mut pipe = redis::pipe();
         for q in &queues {
-            pipe.hgetall(self.keys(q).job(&id));
+            pipe.hget(&self.keys(q).state, &field);
         }
-        let found: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
-        Ok(queues.into_iter().zip(found).find(|(_, h)| !h.is_empty()))
+        let found: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let Some((q, state)) = queues
+            .into_iter()
+            .zip(found)
+            .find_map(|(q, state)| Some((q, state?)))
+        else {
+            return Ok(None);
+        };
+        let keys = self.keys(&q);
+        let (data, error): (Option<String>, Option<String>) = redis::pipe()
+            .hget(&keys.data, &field)
+            .hget(&keys.error, &field)
+            .query_async(&mut conn)
+            .await?;
+        record(id, &q, &state, data.as_deref(), error).map(|r| Some((q, r)))
     }
 }
 
-fn record_from_hash(
+fn record(
     id: JobId,
     queue: &QueueName,
-    h: &HashMap<String, String>,
+    state: &str,
+    data: Option<&str>,
+    last_error: Option<String>,
 ) -> Result<JobRecord, BrokerError> {
-    let job: Job = serde_json::from_str(h.get("d").map(String::as_str).unwrap_or("null"))
+    let job: Job = serde_json::from_str(data.unwrap_or("null"))
         .map_err(|e| BrokerError::Corrupt(format!("job {id}: {e}")))?;
-    let int = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
-    let status = h
-        .get("s")
-        .and_then(|s| s.parse::<JobState>().ok())
-        .ok_or_else(|| BrokerError::Corrupt(format!("job {id}: status {:?}", h.get("s"))))?;
+    let st =
+        StateEntry::parse(state).ok_or_else(|| BrokerError::Corrupt(format!("job {id}: state {state:?}")))?;
     Ok(JobRecord {
         id,
         queue: queue.to_string(),
         kind: job.kind.to_string(),
-        status,
-        attempts: int("a").unwrap_or(0).max(0) as u32,
+        status: st.status,
+        attempts: st.attempts,
         max_attempts: job.max_attempts,
         priority: job.priority,
         payload: serde_json::from_str(job.payload.get()).ok(),
         created_at_ms: job.enqueued_at_ms,
         run_at_ms: job.run_at_ms,
-        started_at_ms: int("st"),
-        finished_at_ms: int("ft"),
-        last_error: h.get("e").cloned(),
-        worker_id: h.get("w").cloned(),
+        started_at_ms: st.started_at_ms,
+        finished_at_ms: st.finished_at_ms,
+        last_error,
+        worker_id: st.worker.map(str::to_owned),
         trace_id: job.trace_id,
     })
 }
@@ -285,10 +333,7 @@ impl Producer for RedisBroker {
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {
-        match self.locate(id).await? {
-            Some((q, h)) => record_from_hash(id, &q, &h).map(Some),
-            None => Ok(None),
-        }
+        Ok(self.locate(id).await?.map(|(_, r)| r))
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
@@ -302,7 +347,8 @@ impl Producer for RedisBroker {
             .cancel
             .key(&keys.pending)
             .key(&keys.scheduled)
-            .arg(keys.job(&id.to_string()))
+            .key(&keys.state)
+            .key(&keys.finished)
             .arg(id.to_string())
             .arg(now_ms())
             .invoke_async(&mut conn)
@@ -361,17 +407,28 @@ impl Producer for RedisBroker {
             .arg("REV")
             .query_async(&mut conn)
             .await?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.hgetall(keys.job(id));
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let (states, data, errors): (Vec<Option<String>>, Vec<Option<String>>, Vec<Option<String>>) =
+            redis::pipe()
+                .cmd("HMGET")
+                .arg(&keys.state)
+                .arg(&ids)
+                .cmd("HMGET")
+                .arg(&keys.data)
+                .arg(&ids)
+                .cmd("HMGET")
+                .arg(&keys.error)
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await?;
         ids.iter()
-            .zip(hashes)
-            .filter(|(_, h)| !h.is_empty())
-            .map(|(id, h)| {
+            .zip(states.into_iter().zip(data).zip(errors))
+            .filter_map(|(id, ((state, data), error))| Some((id, state?, data, error)))
+            .map(|(id, state, data, error)| {
                 let id = JobId::parse(id).ok_or_else(|| BrokerError::Corrupt(format!("job id {id:?}")))?;
-                record_from_hash(id, q, &h)
+                record(id, q, &state, data.as_deref(), error)
             })
             .collect()
     }
@@ -387,7 +444,8 @@ impl Producer for RedisBroker {
         Ok(Arc::new(RedisDriver {
             broker: self.clone(),
             keys: self.keys(q),
-            worker: cfg.worker.clone(),
+            // `|` separates the fields of a state entry.
+            worker: cfg.worker.replace('|', "_").into(),
             lease_ms: cfg.lease.as_millis() as u64,
             block_timeout: cfg.block + Duration::from_secs(5),
             blocking: tokio::sync::Mutex::new(None),
@@ -468,11 +526,13 @@ impl RedisDriver {
             .key(&k.workers)
             .key(&k.dead)
             .key(&k.stats)
+            .key(&k.data)
+            .key(&k.state)
+            .key(&k.error)
             .arg(now)
             .arg(now + self.lease_ms as i64)
             .arg(max)
             .arg(&*self.worker)
-            .arg(&k.job_prefix)
             .arg(&k.claim_prefix)
             .invoke_async(&mut conn)
             .await?;
@@ -481,7 +541,9 @@ impl RedisDriver {
         let mut jobs = Vec::with_capacity(it.len() / 2);
         while let (Some(a), Some(d)) = (it.next(), it.next()) {
             let attempt: u32 = redis::from_redis_value(a)?;
-            let data: Vec<u8> = redis::from_redis_value(d)?;
+            let redis::Value::BulkString(data) = d else {
+                return Err(BrokerError::Corrupt(format!("job envelope: {d:?}")));
+            };
             let mut job: Job = serde_json::from_slice(&data)
                 .map_err(|e| BrokerError::Corrupt(format!("job envelope: {e}")))?;
             job.attempt = attempt;
@@ -559,8 +621,12 @@ impl Driver for RedisDriver {
             .key(&k.scheduled)
             .key(&k.dead)
             .key(&k.stats)
-            .key(&k.pending);
-        inv.arg(&k.job_prefix).arg(DONE_TTL_S).arg(&*self.worker);
+            .key(&k.pending)
+            .key(&k.state)
+            .key(&k.error)
+            .key(&k.finished)
+            .key(&k.data);
+        inv.arg(&*self.worker).arg(now_ms() - FINISHED_TTL_MS);
         for s in &batch {
             let (code, at, err) = match &s.outcome {
                 Outcome::Succeeded => ("s", 0, ""),
@@ -568,6 +634,7 @@ impl Driver for RedisDriver {
                 Outcome::Dead { error, .. } => ("d", 0, error.as_str()),
             };
             inv.arg(s.job.id.to_string())
+                .arg(s.job.attempt)
                 .arg(code)
                 .arg(at)
                 .arg(err)
@@ -588,10 +655,10 @@ impl Driver for RedisDriver {
         let mut inv = self.broker.scripts.release.prepare_invoke();
         inv.key(&k.leased)
             .key(&k.pending)
-            .arg(&k.job_prefix)
+            .key(&k.state)
             .arg(&*self.worker);
         for j in &jobs {
-            inv.arg(j.id.to_string());
+            inv.arg(j.id.to_string()).arg(j.attempt);
         }
         let mut conn = self.broker.conn.clone();
         let _: () = inv.invoke_async(&mut conn).await?;
@@ -614,14 +681,18 @@ impl Driver for RedisDriver {
     }
 }
 
+// The scripts keep times as the strings the client sent: Lua turns numbers into strings
+// through printf, which costs more than the commands around it.
+
 const PUSH_LUA: &str = r#"
--- KEYS: pending, scheduled
--- ARGV: job prefix, idempotency prefix, idempotency ttl s, now ms,
---       then per job: id, envelope, run-at ms (0 = now), idempotency key ('' = none), max attempts, created ms
-local jp, ip, ittl, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local out = {}
-for i = 5, #ARGV, 6 do
-  local id, data, runat, idem = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+-- KEYS: pending, scheduled, data, state
+-- ARGV: idempotency prefix, idempotency ttl s, now ms,
+--       then per job: id, envelope, run-at ms (0 = now), idempotency key ('' = none)
+-- Returns: per job, its id (the earlier job's for a repeated idempotency key) and '1' if repeated.
+local ip, ittl, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out, data, state, pending, scheduled = {}, {}, {}, {}, {}
+for i = 4, #ARGV, 4 do
+  local id, env, runat, idem = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local prev = false
   if idem ~= '' then
     prev = redis.call('GET', ip .. idem)
@@ -631,27 +702,35 @@ for i = 5, #ARGV, 6 do
     out[#out + 1] = prev
     out[#out + 1] = '1'
   else
-    local state = 'pending'
-    if runat > now then state = 'scheduled' end
-    redis.call('HSET', jp .. id, 'd', data, 's', state, 'a', 0, 'm', ARGV[i + 4], 'c', ARGV[i + 5])
-    if runat > now then
-      redis.call('ZADD', KEYS[2], runat, id)
+    data[#data + 1] = id
+    data[#data + 1] = env
+    state[#state + 1] = id
+    if tonumber(runat) > now then
+      state[#state + 1] = 'scheduled|0|||'
+      scheduled[#scheduled + 1] = runat
+      scheduled[#scheduled + 1] = id
     else
-      redis.call('LPUSH', KEYS[1], id)
+      state[#state + 1] = 'pending|0|||'
+      pending[#pending + 1] = id
     end
     out[#out + 1] = id
     out[#out + 1] = '0'
   end
 end
+if #data > 0 then
+  redis.call('HSET', KEYS[3], unpack(data))
+  redis.call('HSET', KEYS[4], unpack(state))
+end
+if #pending > 0 then redis.call('LPUSH', KEYS[1], unpack(pending)) end
+if #scheduled > 0 then redis.call('ZADD', KEYS[2], unpack(scheduled)) end
 return out
 "#;
 
 const FETCH_LUA: &str = r#"
--- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats
--- ARGV: now ms, lease deadline ms, max jobs, worker, job prefix, claim prefix
+-- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats, data, state, error
+-- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix
 -- Returns: next scheduled run-at ms (-1 if none), then attempt, envelope per leased job.
--- Times stay strings: Lua formats numbers through printf, which costs more than the commands.
-local now, deadline, max, worker, jp, cp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local now, deadline, max, worker, cp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 redis.call('ZADD', KEYS[5], deadline, worker)
 
 -- Claims of workers that stopped heartbeating go back to the front of the line.
@@ -661,26 +740,49 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0,
 end
 
 -- Leases that ran out: the worker died or hung. The attempt counts; out of attempts means dead.
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', KEYS[2], id)
-  local jk = jp .. id
-  local h = redis.call('HMGET', jk, 'a', 'm')
-  if h[1] and tonumber(h[1]) >= tonumber(h[2]) then
-    redis.call('HSET', jk, 's', 'dead', 'e', 'lease expired: the worker running it stopped responding', 'ft', now)
-    redis.call('ZADD', KEYS[6], now, id)
-    redis.call('HINCRBY', KEYS[7], 'failed', 1)
-  elseif h[1] then
-    redis.call('HSET', jk, 's', 'pending')
-    redis.call('RPUSH', KEYS[1], id)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[2], unpack(expired))
+  local states = redis.call('HMGET', KEYS[9], unpack(expired))
+  for i, id in ipairs(expired) do
+    local a, w, st = string.match(states[i] or '', '^running|(%d+)|([^|]*)|([^|]*)|')
+    if a then
+      local env = redis.call('HGET', KEYS[8], id)
+      local ok, job = pcall(cjson.decode, env or '')
+      local max_attempts = ok and tonumber(job['max_attempts']) or 1
+      if tonumber(a) >= max_attempts then
+        redis.call('HSET', KEYS[9], id, 'dead|' .. a .. '|' .. w .. '|' .. st .. '|' .. now)
+        redis.call('HSET', KEYS[10], id, 'lease expired: the worker running it stopped responding')
+        redis.call('ZADD', KEYS[6], now, id)
+        redis.call('HINCRBY', KEYS[7], 'failed', 1)
+      else
+        -- The worker is kept: should its result still arrive before anyone else takes the
+        -- job, the result stands.
+        redis.call('HSET', KEYS[9], id, 'pending|' .. a .. '|' .. w .. '||')
+        redis.call('RPUSH', KEYS[1], id)
+      end
+    end
   end
 end
 
 -- Delayed jobs and retries that are due join the line.
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('HSET', jp .. id, 's', 'pending')
-  redis.call('LPUSH', KEYS[1], id)
+if #due > 0 then
+  redis.call('ZREM', KEYS[3], unpack(due))
+  local states = redis.call('HMGET', KEYS[9], unpack(due))
+  local set, line = {}, {}
+  for i, id in ipairs(due) do
+    local a = string.match(states[i] or '', '^%a+|(%d+)|')
+    if a then
+      set[#set + 1] = id
+      set[#set + 1] = 'pending|' .. a .. '|||'
+      line[#line + 1] = id
+    end
+  end
+  if #set > 0 then
+    redis.call('HSET', KEYS[9], unpack(set))
+    redis.call('LPUSH', KEYS[1], unpack(line))
+  end
 end
 
 local ids = redis.call('LRANGE', KEYS[4], 0, -1)
@@ -693,78 +795,113 @@ end
 local out = {-1}
 local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
 if nxt[2] then out[1] = tonumber(nxt[2]) end
-local leased = {}
-for _, id in ipairs(ids) do
-  local jk = jp .. id
-  local h = redis.call('HMGET', jk, 's', 'd', 'a')
-  -- Anything else was canceled while its id sat in a claim list, or expired.
-  if h[1] == 'pending' then
-    local a = tostring(tonumber(h[3]) + 1)
-    redis.call('HSET', jk, 's', 'running', 'a', a, 'w', worker, 'st', now)
+if #ids == 0 then return out end
+
+local states = redis.call('HMGET', KEYS[9], unpack(ids))
+local envs = redis.call('HMGET', KEYS[8], unpack(ids))
+local set, leased = {}, {}
+for i, id in ipairs(ids) do
+  -- Anything but pending was canceled while its id sat in a claim list.
+  local a = string.match(states[i] or '', '^pending|(%d+)|')
+  if a and envs[i] then
+    a = tonumber(a) + 1
+    set[#set + 1] = id
+    set[#set + 1] = 'running|' .. a .. '|' .. worker .. '|' .. now .. '|'
     leased[#leased + 1] = deadline
     leased[#leased + 1] = id
     out[#out + 1] = a
-    out[#out + 1] = h[2]
+    out[#out + 1] = envs[i]
   end
 end
-if #leased > 0 then redis.call('ZADD', KEYS[2], unpack(leased)) end
+if #set > 0 then
+  redis.call('HSET', KEYS[9], unpack(set))
+  redis.call('ZADD', KEYS[2], unpack(leased))
+end
 return out
 "#;
 
 const SETTLE_LUA: &str = r#"
--- KEYS: leased, scheduled, dead, stats, pending
--- ARGV: job prefix, done ttl s, worker, then per job: id, s|r|d, retry-at ms, error, finished ms
-local jp, ttl, w = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+-- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data
+-- ARGV: worker, finished-before ms (older finished jobs are forgotten),
+--       then per job: id, attempt, s|r|d, retry-at ms, error, finished ms
+local w, forget = ARGV[1], ARGV[2]
+local ids = {}
+for i = 3, #ARGV, 6 do ids[#ids + 1] = ARGV[i] end
+local states = redis.call('HMGET', KEYS[6], unpack(ids))
 local done, failed = 0, 0
-local unleased = {}
-for i = 4, #ARGV, 5 do
-  local id, o, at, err, ft = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local jk = jp .. id
-  local cur = redis.call('HMGET', jk, 's', 'w')
-  local mine = cur[1] == 'running' and cur[2] == w
-  -- Its lease ran out and it went back in line, but nobody took it yet: this result stands.
-  if not mine and cur[1] == 'pending' and cur[2] == w then
-    mine = redis.call('LREM', KEYS[5], 1, id) == 1
+local set, errs, unleased, retry, dead, fin = {}, {}, {}, {}, {}, {}
+for n, id in ipairs(ids) do
+  local i = 3 + (n - 1) * 6
+  local a, o, at, err, ft = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local cur = states[n] or ''
+  -- Only the attempt this worker was given counts: a lease that ran out may have been
+  -- taken by another worker since. (Plain comparisons: worker names are not patterns.)
+  local mine = '|' .. a .. '|' .. w .. '|'
+  local st
+  if string.sub(cur, 1, 7 + #mine) == 'running' .. mine then
+    st = string.match(cur, '^([^|]*)|', 8 + #mine)
+  elseif string.sub(cur, 1, 7 + #mine) == 'pending' .. mine then
+    -- Its lease ran out and it went back in line, but nobody took it yet: this result stands.
+    if redis.call('LREM', KEYS[5], 1, id) == 1 then st = '' end
   end
-  if mine then
+  if st then
     unleased[#unleased + 1] = id
+    local tail = '|' .. a .. '|' .. w .. '|' .. st .. '|' .. ft
+    set[#set + 1] = id
     if o == 's' then
       done = done + 1
-      if ttl > 0 then
-        redis.call('HSET', jk, 's', 'succeeded', 'ft', ft)
-        redis.call('EXPIRE', jk, ttl)
-      else
-        redis.call('DEL', jk)
-      end
-    elseif o == 'r' then
-      failed = failed + 1
-      redis.call('HSET', jk, 's', 'retrying', 'e', err, 'ft', ft)
-      redis.call('ZADD', KEYS[2], at, id)
+      set[#set + 1] = 'succeeded' .. tail
+      fin[#fin + 1] = ft
+      fin[#fin + 1] = id
     else
       failed = failed + 1
-      redis.call('HSET', jk, 's', 'dead', 'e', err, 'ft', ft)
-      redis.call('ZADD', KEYS[3], ft, id)
+      errs[#errs + 1] = id
+      errs[#errs + 1] = err
+      if o == 'r' then
+        set[#set + 1] = 'retrying' .. tail
+        retry[#retry + 1] = at
+        retry[#retry + 1] = id
+      else
+        set[#set + 1] = 'dead' .. tail
+        dead[#dead + 1] = ft
+        dead[#dead + 1] = id
+      end
     end
   end
 end
-if #unleased > 0 then redis.call('ZREM', KEYS[1], unpack(unleased)) end
+if #unleased > 0 then
+  redis.call('ZREM', KEYS[1], unpack(unleased))
+  redis.call('HSET', KEYS[6], unpack(set))
+end
+if #errs > 0 then redis.call('HSET', KEYS[7], unpack(errs)) end
+if #retry > 0 then redis.call('ZADD', KEYS[2], unpack(retry)) end
+if #dead > 0 then redis.call('ZADD', KEYS[3], unpack(dead)) end
+if #fin > 0 then redis.call('ZADD', KEYS[8], unpack(fin)) end
 if done > 0 then redis.call('HINCRBY', KEYS[4], 'done', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[4], 'failed', failed) end
+
+-- Succeeded and canceled jobs are kept an hour for look-ups, then forgotten, a slice at a time.
+local old = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', forget, 'LIMIT', 0, 200)
+if #old > 0 then
+  redis.call('ZREM', KEYS[8], unpack(old))
+  redis.call('HDEL', KEYS[6], unpack(old))
+  redis.call('HDEL', KEYS[7], unpack(old))
+  redis.call('HDEL', KEYS[9], unpack(old))
+end
 return 0
 "#;
 
 const RELEASE_LUA: &str = r#"
--- KEYS: leased, pending; ARGV: job prefix, worker, ids...
+-- KEYS: leased, pending, state; ARGV: worker, then per job: id, attempt
 -- Jobs leased but never started go back to the front of the line, their attempt uncounted.
-local jp, w = ARGV[1], ARGV[2]
-for i = #ARGV, 3, -1 do
-  local id = ARGV[i]
-  local jk = jp .. id
-  local cur = redis.call('HMGET', jk, 's', 'w')
-  if cur[1] == 'running' and cur[2] == w then
+local w = ARGV[1]
+for i = #ARGV - 1, 2, -2 do
+  local id, a = ARGV[i], ARGV[i + 1]
+  local cur = redis.call('HGET', KEYS[3], id) or ''
+  local mine = 'running|' .. a .. '|' .. w .. '|'
+  if string.sub(cur, 1, #mine) == mine then
     redis.call('ZREM', KEYS[1], id)
-    redis.call('HSET', jk, 's', 'pending')
-    redis.call('HINCRBY', jk, 'a', -1)
+    redis.call('HSET', KEYS[3], id, 'pending|' .. (tonumber(a) - 1) .. '|||')
     redis.call('RPUSH', KEYS[2], id)
   end
 end
@@ -775,23 +912,31 @@ const RENEW_LUA: &str = r#"
 -- KEYS: leased, workers; ARGV: new deadline ms, worker, ids...
 local deadline = ARGV[1]
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])
+local args = {}
 for i = 3, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
+  args[#args + 1] = deadline
+  args[#args + 1] = ARGV[i]
 end
+if #args > 0 then redis.call('ZADD', KEYS[1], 'XX', unpack(args)) end
 return 0
 "#;
 
 const CANCEL_LUA: &str = r#"
--- KEYS: pending, scheduled; ARGV: job key, id, now ms. Returns the status before ('' if gone).
-local s = redis.call('HGET', ARGV[1], 's')
-if not s then return '' end
+-- KEYS: pending, scheduled, state, finished; ARGV: id, now ms.
+-- Returns the status before ('' if unknown).
+local id, now = ARGV[1], ARGV[2]
+local cur = redis.call('HGET', KEYS[3], id)
+if not cur then return '' end
+local s, a = string.match(cur, '^(%a+)|(%d*)|')
 if s == 'pending' then
-  redis.call('LREM', KEYS[1], 1, ARGV[2])
+  -- Not in the list: a blocked worker moved it to its claim list; the fetch skips it there.
+  redis.call('LREM', KEYS[1], 1, id)
 elseif s == 'scheduled' or s == 'retrying' then
-  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[2], id)
 else
-  return s
+  return s or ''
 end
-redis.call('HSET', ARGV[1], 's', 'canceled', 'ft', ARGV[3])
+redis.call('HSET', KEYS[3], id, 'canceled|' .. a .. '|||' .. now)
+redis.call('ZADD', KEYS[4], now, id)
 return s
 "#;
