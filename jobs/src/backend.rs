@@ -197,17 +197,20 @@ async fn fetch_loop(
     cfg: ConsumerConfig,
 ) {
     let mut failures = 0u32;
+    let refill_at = tx.max_capacity().div_ceil(2);
     loop {
         if *stop.borrow() {
             return;
         }
-        // Wait for room first, so a full buffer never leases jobs nobody can start soon.
-        let permit = tokio::select! {
-            p = tx.reserve() => match p { Ok(p) => p, Err(_) => return },
+        // Wait until the buffer is half empty, so that a full buffer never leases jobs nobody
+        // can start soon, and so that each fetch takes a batch: refilling one slot at a time
+        // would cost a broker round trip per job.
+        let permits = tokio::select! {
+            p = tx.reserve_many(refill_at) => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
         };
-        let room = tx.capacity() + 1;
-        drop(permit);
+        let room = tx.capacity() + permits.len();
+        drop(permits);
         match driver.fetch(room, cfg.block).await {
             Ok(batch) => {
                 failures = 0;
