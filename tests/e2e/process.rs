@@ -151,8 +151,8 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
     assert_eq!((s.pending, s.running, s.scheduled, s.dead), (0, 0, 0, 0), "{s:?}");
 
     match broker {
-        Broker::Redis => delete_redis_prefix(&prefix).await,
-        Broker::Amqp => delete_amqp_prefix(&prefix).await,
+        Broker::Redis => delete_redis_prefix(&broker_url, &prefix).await,
+        Broker::Amqp => delete_amqp_prefix(&broker_url, &prefix).await,
         Broker::Sqlite => {}
     }
     if let Some(name) = pg_name {
