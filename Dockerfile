@@ -8,7 +8,7 @@
 # rebuilds only drover's crates.
 
 ARG RUST_VERSION=1.95
-ARG DEBIAN_RELEASE=bookworm
+ARG DEBIAN_RELEASE=trixie
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS chef
 # Line tables only in the release profile (Cargo.toml) would double the image: none here.

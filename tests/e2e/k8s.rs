@@ -1143,7 +1143,7 @@ async fn keda_rule_replayed_on_live_depths_scales_from_zero_to_max_and_back_afte
     const JOB_MS: u64 = 100;
     let load = |tick: u64| -> usize {
         match tick {
-            2 => 600,
+            2 => 400,
             12..=37 => 4,
             _ => 0,
         }
