@@ -12,7 +12,7 @@ use drover::{
     app::{self, Migrations, Stack},
     config::{ApiArgs, Connections, Secret, WorkerArgs},
 };
-use jobs::{CatalogConfig, JobId, RetryPolicy};
+use jobs::{CatalogConfig, RetryPolicy};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
