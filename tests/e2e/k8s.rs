@@ -1139,12 +1139,12 @@ async fn keda_rule_replayed_on_live_depths_scales_from_zero_to_max_and_back_afte
 
     // Load: a burst far above what max replicas take per tick, then a trickle that keeps the
     // family active at one replica's worth, then nothing. Jobs are 100 ms `sleep`s.
-    const TICK: Duration = Duration::from_millis(200);
+    const TICK: Duration = Duration::from_millis(150);
     const JOB_MS: u64 = 100;
     let load = |tick: u64| -> usize {
         match tick {
             2 => 400,
-            12..=37 => 4,
+            12..=30 => 4,
             _ => 0,
         }
     };
@@ -1157,7 +1157,7 @@ async fn keda_rule_replayed_on_live_depths_scales_from_zero_to_max_and_back_afte
     let started = Instant::now();
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for tick in 0..90u64 {
+    for tick in 0..100u64 {
         interval.tick().await;
         let n = load(tick);
         if n > 0 {
@@ -1182,7 +1182,7 @@ async fn keda_rule_replayed_on_live_depths_scales_from_zero_to_max_and_back_afte
             stopping.push(tokio::spawn(r.stop()));
         }
         let done =
-            tick > 40 && decision.replicas == 0 && rows.last().is_some_and(|r| r.decision.replicas == 0);
+            tick > 30 && decision.replicas == 0 && rows.last().is_some_and(|r| r.decision.replicas == 0);
         rows.push(Row {
             tick,
             real_ms: started.elapsed().as_millis(),
