@@ -37,6 +37,11 @@ up PostgreSQL 127.0.0.1:5432 'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/
 up Redis 127.0.0.1:6379 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log'
 up RabbitMQ 127.0.0.1:5672 'rabbitmq-server -detached'
 
+# The Dockerfile, docker-compose.yml and every k8s/ overlay (no Docker engine, no cluster here).
+./scripts/check-deploy.sh
+# The manifest tests (tests/e2e/k8s.rs) render the overlays with kubectl too.
+export PATH="${DROVER_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/drover-tools}/bin:$PATH"
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install cargo-nextest --locked

@@ -7,7 +7,7 @@ use jobs::{BrokerOptions, Catalog, Producer};
 use schema::history::{HistoryConfig, HistoryTask, HistoryWriter};
 use sea_orm::DatabaseConnection;
 
-use crate::config::{ApiArgs, Connections, WorkerArgs};
+use crate::config::{ApiArgs, Connections, WorkerArgs, WorkerHealthArgs};
 
 /// What every drover process holds: one of each, shared by everything in the process.
 pub struct Stack {
@@ -85,7 +85,11 @@ pub async fn serve_api(
 }
 
 pub fn bind(args: &ApiArgs) -> anyhow::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+    bind_addr(&args.listen)
+}
+
+fn bind_addr(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }
@@ -107,6 +111,45 @@ pub async fn run_workers(
         shutdown,
     )
     .await
+}
+
+/// `drover worker`: runs workers until `shutdown` resolves and their jobs are done, with the
+/// probe listener (when `health` names an address) up for the whole drain, so liveness holds
+/// while jobs finish and readiness turns 503 as soon as the worker stops taking jobs.
+pub async fn run_worker_process(
+    stack: &Stack,
+    args: &WorkerArgs,
+    health: &WorkerHealthArgs,
+    deps: workers::Deps,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Some(addr) = &health.health_listen else {
+        return run_workers(stack, args, deps, shutdown).await;
+    };
+    let listener = bind_addr(addr)?;
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+    let probes = tokio::spawn(crate::health::serve(
+        listener,
+        stack.broker.clone(),
+        api::install_metrics(),
+        draining,
+        async move {
+            let _ = done.await;
+        },
+    ));
+    let res = run_workers(stack, args, deps, async move {
+        shutdown.await;
+        let _ = draining_tx.send(true);
+    })
+    .await;
+    let _ = done_tx.send(());
+    match probes.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "worker health endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "worker health endpoint task failed"),
+    }
+    res
 }
 
 /// Resolves on SIGTERM or SIGINT.

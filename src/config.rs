@@ -75,6 +75,15 @@ pub struct WorkerArgs {
     pub shutdown_grace_s: u64,
 }
 
+/// The worker's probe listener (`drover worker` only; `drover dev` serves probes on the API).
+#[derive(Args, Clone, Debug, Default)]
+pub struct WorkerHealthArgs {
+    /// Address of the worker's `/healthz`, `/readyz` and `/metrics` listener, e.g.
+    /// `0.0.0.0:9091` (Kubernetes probes, Prometheus). Off when unset.
+    #[arg(long, env = "DROVER_WORKER_LISTEN")]
+    pub health_listen: Option<String>,
+}
+
 impl WorkerArgs {
     pub fn settings(&self) -> anyhow::Result<workers::WorkerSettings> {
         let mut s = workers::WorkerSettings {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use drover::{
     app::{self, Migrations, Stack},
     bench,
-    config::{self, ApiArgs, Connections, RetryArgs, WorkerArgs},
+    config::{self, ApiArgs, Connections, RetryArgs, WorkerArgs, WorkerHealthArgs},
 };
 
 #[derive(Parser)]
@@ -50,6 +50,8 @@ enum Command {
         conn: Connections,
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        health: WorkerHealthArgs,
         #[command(flatten)]
         retry: RetryArgs,
     },
@@ -132,10 +134,21 @@ async fn main() -> anyhow::Result<()> {
             stack.close(Duration::from_secs(5)).await;
             res
         }
-        Command::Worker { conn, worker, retry } => {
+        Command::Worker {
+            conn,
+            worker,
+            health,
+            retry,
+        } => {
             let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
-            let res =
-                app::run_workers(&stack, &worker, workers::Deps::default(), app::shutdown_signal()).await;
+            let res = app::run_worker_process(
+                &stack,
+                &worker,
+                &health,
+                workers::Deps::default(),
+                app::shutdown_signal(),
+            )
+            .await;
             stack.close(Duration::from_secs(5)).await;
             res
         }

@@ -151,8 +151,8 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
     assert_eq!((s.pending, s.running, s.scheduled, s.dead), (0, 0, 0, 0), "{s:?}");
 
     match broker {
-        Broker::Redis => delete_redis_prefix(&prefix).await,
-        Broker::Amqp => delete_amqp_prefix(&prefix).await,
+        Broker::Redis => delete_redis_prefix(&broker_url, &prefix).await,
+        Broker::Amqp => delete_amqp_prefix(&broker_url, &prefix).await,
         Broker::Sqlite => {}
     }
     if let Some(name) = pg_name {
@@ -246,4 +246,139 @@ async fn drover_dev_runs_a_job_with_no_external_service() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn one_job(queue: &str, kind: &str, payload: &str) -> Job {
+    Job {
+        id: JobId::new(),
+        queue: QueueName::parse(queue).unwrap(),
+        kind: kind.into(),
+        payload: serde_json::value::RawValue::from_string(payload.into()).unwrap(),
+        max_attempts: 5,
+        priority: 0,
+        enqueued_at_ms: now_ms(),
+        run_at_ms: None,
+        trace_id: None,
+        idempotency_key: None,
+        attempt: 0,
+        receipt: 0,
+    }
+}
+
+/// The probes Kubernetes gives worker pods (k8s/base/workers.yaml): `--health-listen` serves
+/// `/healthz`, `/readyz` and the job metrics; while the worker drains after SIGTERM it stays
+/// alive but stops being ready, and it exits 0 once its running job is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_probes_stay_alive_but_not_ready_while_draining_and_serve_job_metrics() {
+    let prefix = unique("t");
+    let (pg_name, db_url) = create_pg_database().await;
+    let env = [
+        ("DROVER_BROKER_URL", REDIS_URL),
+        ("DROVER_DATABASE_URL", db_url.as_str()),
+        ("DROVER_BROKER_PREFIX", prefix.as_str()),
+    ];
+    let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
+    assert!(migrated.success(), "drover migrate failed");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut worker = drover()
+        .args(["worker", "--queues", "noop"])
+        .env("DROVER_WORKER_LISTEN", format!("127.0.0.1:{port}"))
+        .envs(env)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let req = http.get(format!("{base}{path}")).send();
+        async move {
+            match req.await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(_) => (0, String::new()),
+            }
+        }
+    };
+    let start = Instant::now();
+    while get("/healthz").await.0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "/healthz never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = get("/readyz").await;
+    assert_eq!((status, body.contains(r#""broker":"ok""#)), (200, true), "{body}");
+
+    let db = schema::connect(&db_url).await.unwrap();
+    let producer = jobs::broker::connect(
+        REDIS_URL,
+        BrokerOptions {
+            prefix: prefix.clone(),
+            db: db.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    producer.push(one_job("noop", "noop", "{}")).await.unwrap();
+    let done = r#"drover_jobs_completed_total{queue="noop",kind="noop",outcome="succeeded"} 1"#;
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = get("/metrics").await;
+        if metrics.contains(done) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {done} in:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A 2 s job running, then SIGTERM: alive and not ready until it is done, then exit 0.
+    producer
+        .push(one_job("noop", "sleep", r#"{"ms":2000}"#))
+        .await
+        .unwrap();
+    let queue = QueueName::parse("noop").unwrap();
+    let start = Instant::now();
+    while producer.stats(&queue).await.unwrap().running == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the sleep job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigterm(&worker);
+    let start = Instant::now();
+    loop {
+        let (ready, body) = get("/readyz").await;
+        if ready == 503 {
+            assert!(body.contains("draining"), "{body}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "/readyz still {ready} while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        get("/healthz").await.0,
+        200,
+        "liveness must hold while jobs finish"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("exited")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let s = producer.stats(&queue).await.unwrap();
+    assert_eq!((s.pending, s.running, s.done), (0, 0, 2), "{s:?}");
+
+    delete_redis_prefix(REDIS_URL, &prefix).await;
+    drop(db);
+    drop_pg_database(&pg_name).await;
 }

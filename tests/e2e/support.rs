@@ -12,7 +12,7 @@ use drover::{
     app::{self, Migrations, Stack},
     config::{ApiArgs, Connections, Secret, WorkerArgs},
 };
-use jobs::{CatalogConfig, JobId, RetryPolicy};
+use jobs::{CatalogConfig, RetryPolicy};
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -35,6 +35,9 @@ pub(crate) struct Options {
     pub(crate) concurrency: usize,
     pub(crate) queues: Vec<&'static str>,
     pub(crate) broker_url: Option<String>,
+    /// Broker namespace; default: a unique one. Only with a `broker_url` of the test's own
+    /// (a Redis database or RabbitMQ vhost no one else uses), since cleanup deletes it.
+    pub(crate) prefix: Option<String>,
 }
 
 impl Default for Options {
@@ -44,6 +47,7 @@ impl Default for Options {
             concurrency: 50,
             queues: vec!["noop", "default"],
             broker_url: None,
+            prefix: None,
         }
     }
 }
@@ -52,6 +56,7 @@ pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
     pub(crate) http: reqwest::Client,
     pub(crate) broker: Broker,
+    pub(crate) broker_url: String,
     pub(crate) prefix: String,
     pub(crate) pickups: mpsc::UnboundedReceiver<workers::Pickup>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -92,7 +97,11 @@ pub(crate) async fn require_service(name: &str, addr: &str, how: &str) {
 }
 
 pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
-    let prefix = unique("t");
+    assert!(
+        opts.prefix.is_none() || opts.broker_url.is_some(),
+        "a fixed prefix needs a broker URL of the test's own"
+    );
+    let prefix = opts.prefix.clone().unwrap_or_else(|| unique("t"));
     let (db_url, broker_url, cleanup) = match broker {
         Broker::Redis | Broker::Amqp => {
             if broker == Broker::Redis {
@@ -115,6 +124,14 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         }
     };
     let broker_url = opts.broker_url.clone().unwrap_or(broker_url);
+    if opts.prefix.is_some() {
+        // A fixed namespace may hold what an interrupted run left.
+        match broker {
+            Broker::Redis => delete_redis_prefix(&broker_url, &prefix).await,
+            Broker::Amqp => delete_amqp_prefix(&broker_url, &prefix).await,
+            Broker::Sqlite => {}
+        }
+    }
     let conn = Connections {
         broker_url: broker_url.parse::<Secret>().unwrap(),
         database_url: db_url.parse::<Secret>().unwrap(),
@@ -164,6 +181,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         addr,
         http: reqwest::Client::new(),
         broker,
+        broker_url,
         prefix,
         pickups,
         stop,
@@ -245,6 +263,17 @@ impl TestApp {
         }
     }
 
+    /// Starts one more worker process's worth of workers (a "replica") on this app's stack.
+    pub(crate) fn spawn_replica(&self, args: WorkerArgs) -> Replica {
+        let stack = self.stack.clone().expect("running");
+        let (stop, wait) = app::broadcast_shutdown();
+        let task =
+            tokio::spawn(
+                async move { app::run_workers(&stack, &args, workers::Deps::default(), wait()).await },
+            );
+        Replica { stop, task }
+    }
+
     pub(crate) async fn queue(&self, q: &str) -> Value {
         let (status, body) = self.get(&format!("/v1/queues/{q}")).await;
         assert_eq!(status, 200, "{body}");
@@ -268,8 +297,8 @@ impl TestApp {
 
     async fn cleanup_namespace(&self) {
         match self.broker {
-            Broker::Redis => delete_redis_prefix(&self.prefix).await,
-            Broker::Amqp => delete_amqp_prefix(&self.prefix).await,
+            Broker::Redis => delete_redis_prefix(&self.broker_url, &self.prefix).await,
+            Broker::Amqp => delete_amqp_prefix(&self.broker_url, &self.prefix).await,
             Broker::Sqlite => {}
         }
         match &self.cleanup {
@@ -283,6 +312,23 @@ impl TestApp {
     }
 }
 
+/// Workers started by [`TestApp::spawn_replica`]; [`Replica::stop`] is their SIGTERM.
+pub(crate) struct Replica {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Replica {
+    /// Asks the workers to stop and waits for their graceful shutdown.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("a replica did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
 pub(crate) async fn drop_pg_database(name: &str) {
     if let Ok(admin) = Database::connect(PG_ADMIN_URL).await {
         let _ = admin
@@ -292,8 +338,8 @@ pub(crate) async fn drop_pg_database(name: &str) {
 }
 
 /// Deletes this test's keys only (never FLUSHDB: other tests and the benchmark share Redis).
-pub(crate) async fn delete_redis_prefix(prefix: &str) {
-    let client = redis::Client::open(REDIS_URL).unwrap();
+pub(crate) async fn delete_redis_prefix(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).unwrap();
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return;
     };
@@ -308,8 +354,8 @@ pub(crate) async fn delete_redis_prefix(prefix: &str) {
 }
 
 /// Deletes this test's queues (the queues drover declares for the built-in queue names).
-pub(crate) async fn delete_amqp_prefix(prefix: &str) {
-    let Ok(conn) = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await else {
+pub(crate) async fn delete_amqp_prefix(url: &str, prefix: &str) {
+    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await else {
         return;
     };
     let Ok(ch) = conn.create_channel().await else {

