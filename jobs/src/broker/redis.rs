@@ -7,10 +7,11 @@
 //! |---|---|---|
 //! | `P:{q}:pending` | LIST | ids ready to run; LPUSH in, taken from the right. **KEDA reads its LLEN.** |
 //! | `P:{q}:data` | HASH | id → the job's envelope (JSON), written once at enqueue |
-//! | `P:{q}:state` | HASH | id → `status\|attempts\|worker\|started ms\|finished ms` |
+//! | `P:{q}:state` | HASH | id → `status\|worker\|started ms\|finished ms` (a running job's entry is its lease's fencing token) |
+//! | `P:{q}:attempts` | HASH | id → attempts that have ended (absent: none) |
 //! | `P:{q}:error` | HASH | id → the last attempt's error |
 //! | `P:{q}:scheduled` | ZSET | delayed jobs and retries, scored by run-at ms |
-//! | `P:{q}:leased` | ZSET | jobs handed to a worker, scored by lease deadline |
+//! | `P:{q}:leased` | ZSET | jobs handed to a worker, scored by lease deadline. **KEDA also reads its ZCARD** (running jobs keep a worker up). |
 //! | `P:{q}:dead` | ZSET | the dead set, scored by time of death |
 //! | `P:{q}:finished` | ZSET | succeeded and canceled jobs, scored by when; removed after an hour |
 //! | `P:{q}:workers` | ZSET | consumers, scored by heartbeat deadline |
@@ -23,7 +24,9 @@
 //! one of pending / scheduled / leased / dead / finished. Job fields live in per-queue hashes
 //! rather than a hash per job so that a script touches a whole batch with one variadic command
 //! per structure (`HMGET`/`HSET`/`ZADD`/`ZREM` over 100 ids) instead of several commands per job:
-//! that is what makes a fetch or a settlement cost about the same for 1 job as for 100.
+//! that is what makes a fetch or a settlement cost about the same for 1 job as for 100. The
+//! client builds every per-job string the scripts store or compare (Lua would intern a new
+//! string for each concatenation), so the scripts only move values between structures.
 //! An idle worker waits in `BLMOVE` on a connection of its own.
 
 use std::{
@@ -78,6 +81,7 @@ struct Keys {
     stats: String,
     data: String,
     state: String,
+    attempts: String,
     error: String,
     claim_prefix: String,
     idem_prefix: String,
@@ -96,6 +100,7 @@ impl Keys {
             stats: format!("{base}:stats"),
             data: format!("{base}:data"),
             state: format!("{base}:state"),
+            attempts: format!("{base}:attempts"),
             error: format!("{base}:error"),
             claim_prefix: format!("{base}:claim:"),
             idem_prefix: format!("{base}:idem:"),
@@ -103,26 +108,33 @@ impl Keys {
     }
 }
 
-/// A job's entry in `P:{q}:state`: `status|attempts|worker|started ms|finished ms`, empty
-/// fields where unknown.
+/// A job's entry in `P:{q}:state`: `status|worker|started ms|finished ms`, empty fields where
+/// unknown.
 struct StateEntry<'a> {
     status: JobState,
-    attempts: u32,
     worker: Option<&'a str>,
     started_at_ms: Option<i64>,
     finished_at_ms: Option<i64>,
 }
 
 impl<'a> StateEntry<'a> {
+    /// The entry of a job leased to `worker` at `leased_ms`; a settlement must find exactly this.
+    fn running(worker: &str, leased_ms: u64) -> String {
+        format!("running|{worker}|{leased_ms}|")
+    }
+
+    fn ended(status: JobState, worker: &str, leased_ms: u64, finished_ms: i64) -> String {
+        format!("{status}|{worker}|{leased_ms}|{finished_ms}")
+    }
+
     fn parse(s: &'a str) -> Option<Self> {
-        let mut f = s.splitn(5, '|');
+        // The worker name never holds `|` (see `RedisBroker::driver`).
+        let mut f = s.splitn(4, '|');
         let status = f.next()?.parse().ok()?;
-        let attempts = f.next()?.parse().ok()?;
         let worker = f.next().filter(|w| !w.is_empty());
         let int = |v: Option<&str>| v.and_then(|v| v.parse::<i64>().ok());
         Some(Self {
             status,
-            attempts,
             worker,
             started_at_ms: int(f.next()),
             finished_at_ms: int(f.next()),
@@ -261,12 +273,13 @@ impl RedisBroker {
             return Ok(None);
         };
         let keys = self.keys(&q);
-        let (data, error): (Option<String>, Option<String>) = redis::pipe()
+        let (data, error, attempts): (Option<String>, Option<String>, Option<u32>) = redis::pipe()
             .hget(&keys.data, &field)
             .hget(&keys.error, &field)
+            .hget(&keys.attempts, &field)
             .query_async(&mut conn)
             .await?;
-        record(id, &q, &state, data.as_deref(), error).map(|r| Some((q, r)))
+        record(id, &q, &state, data.as_deref(), error, attempts).map(|r| Some((q, r)))
     }
 }
 
@@ -276,6 +289,7 @@ fn record(
     state: &str,
     data: Option<&str>,
     last_error: Option<String>,
+    attempts: Option<u32>,
 ) -> Result<JobRecord, BrokerError> {
     let job: Job = serde_json::from_str(data.unwrap_or("null"))
         .map_err(|e| BrokerError::Corrupt(format!("job {id}: {e}")))?;
@@ -286,7 +300,8 @@ fn record(
         queue: queue.to_string(),
         kind: job.kind.to_string(),
         status: st.status,
-        attempts: st.attempts,
+        // Counting the one under way.
+        attempts: attempts.unwrap_or(0) + u32::from(st.status == JobState::Running),
         max_attempts: job.max_attempts,
         priority: job.priority,
         payload: serde_json::from_str(job.payload.get()).ok(),
@@ -410,25 +425,28 @@ impl Producer for RedisBroker {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (states, data, errors): (Vec<Option<String>>, Vec<Option<String>>, Vec<Option<String>>) =
-            redis::pipe()
-                .cmd("HMGET")
-                .arg(&keys.state)
-                .arg(&ids)
-                .cmd("HMGET")
-                .arg(&keys.data)
-                .arg(&ids)
-                .cmd("HMGET")
-                .arg(&keys.error)
-                .arg(&ids)
-                .query_async(&mut conn)
-                .await?;
+        type Column = Vec<Option<String>>;
+        let (states, data, errors, attempts): (Column, Column, Column, Vec<Option<u32>>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&keys.state)
+            .arg(&ids)
+            .cmd("HMGET")
+            .arg(&keys.data)
+            .arg(&ids)
+            .cmd("HMGET")
+            .arg(&keys.error)
+            .arg(&ids)
+            .cmd("HMGET")
+            .arg(&keys.attempts)
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
         ids.iter()
-            .zip(states.into_iter().zip(data).zip(errors))
-            .filter_map(|(id, ((state, data), error))| Some((id, state?, data, error)))
-            .map(|(id, state, data, error)| {
+            .zip(states.into_iter().zip(data).zip(errors).zip(attempts))
+            .filter_map(|(id, (((state, data), error), attempts))| Some((id, state?, data, error, attempts)))
+            .map(|(id, state, data, error, attempts)| {
                 let id = JobId::parse(id).ok_or_else(|| BrokerError::Corrupt(format!("job id {id:?}")))?;
-                record(id, q, &state, data.as_deref(), error)
+                record(id, q, &state, data.as_deref(), error, attempts)
             })
             .collect()
     }
@@ -529,24 +547,28 @@ impl RedisDriver {
             .key(&k.data)
             .key(&k.state)
             .key(&k.error)
+            .key(&k.attempts)
             .arg(now)
             .arg(now + self.lease_ms as i64)
             .arg(max)
             .arg(&*self.worker)
             .arg(&k.claim_prefix)
+            .arg(StateEntry::running(&self.worker, now as u64))
             .invoke_async(&mut conn)
             .await?;
         let mut it = out.into_iter();
         let next: i64 = it.next().map(redis::from_redis_value).transpose()?.unwrap_or(-1);
         let mut jobs = Vec::with_capacity(it.len() / 2);
         while let (Some(a), Some(d)) = (it.next(), it.next()) {
-            let attempt: u32 = redis::from_redis_value(a)?;
+            let ended: Option<u32> = redis::from_redis_value(a)?;
             let redis::Value::BulkString(data) = d else {
                 return Err(BrokerError::Corrupt(format!("job envelope: {d:?}")));
             };
             let mut job: Job = serde_json::from_slice(&data)
                 .map_err(|e| BrokerError::Corrupt(format!("job envelope: {e}")))?;
-            job.attempt = attempt;
+            job.attempt = ended.unwrap_or(0) + 1;
+            // The lease's time: with the worker, the fencing token its settlement must match.
+            job.receipt = now as u64;
             jobs.push(job);
         }
         Ok((jobs, (next >= 0).then_some(next)))
@@ -625,15 +647,24 @@ impl Driver for RedisDriver {
             .key(&k.state)
             .key(&k.error)
             .key(&k.finished)
-            .key(&k.data);
-        inv.arg(&*self.worker).arg(now_ms() - FINISHED_TTL_MS);
+            .key(&k.data)
+            .key(&k.attempts);
+        inv.arg(now_ms() - FINISHED_TTL_MS);
         for s in &batch {
             let (code, at, err) = match &s.outcome {
                 Outcome::Succeeded => ("s", 0, ""),
                 Outcome::Retry { at_ms, error, .. } => ("r", *at_ms, error.as_str()),
                 Outcome::Dead { error, .. } => ("d", 0, error.as_str()),
             };
+            let leased = s.job.receipt;
             inv.arg(s.job.id.to_string())
+                .arg(StateEntry::running(&self.worker, leased))
+                .arg(StateEntry::ended(
+                    s.outcome.state(),
+                    &self.worker,
+                    leased,
+                    s.finished_at_ms,
+                ))
                 .arg(s.job.attempt)
                 .arg(code)
                 .arg(at)
@@ -653,12 +684,10 @@ impl Driver for RedisDriver {
     async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError> {
         let k = &self.keys;
         let mut inv = self.broker.scripts.release.prepare_invoke();
-        inv.key(&k.leased)
-            .key(&k.pending)
-            .key(&k.state)
-            .arg(&*self.worker);
+        inv.key(&k.leased).key(&k.pending).key(&k.state);
         for j in &jobs {
-            inv.arg(j.id.to_string()).arg(j.attempt);
+            inv.arg(j.id.to_string())
+                .arg(StateEntry::running(&self.worker, j.receipt));
         }
         let mut conn = self.broker.conn.clone();
         let _: () = inv.invoke_async(&mut conn).await?;
@@ -706,11 +735,11 @@ for i = 4, #ARGV, 4 do
     data[#data + 1] = env
     state[#state + 1] = id
     if tonumber(runat) > now then
-      state[#state + 1] = 'scheduled|0|||'
+      state[#state + 1] = 'scheduled|||'
       scheduled[#scheduled + 1] = runat
       scheduled[#scheduled + 1] = id
     else
-      state[#state + 1] = 'pending|0|||'
+      state[#state + 1] = 'pending|||'
       pending[#pending + 1] = id
     end
     out[#out + 1] = id
@@ -727,10 +756,12 @@ return out
 "#;
 
 const FETCH_LUA: &str = r#"
--- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats, data, state, error
--- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix
--- Returns: next scheduled run-at ms (-1 if none), then attempt, envelope per leased job.
-local now, deadline, max, worker, cp = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+-- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats, data, state,
+--       error, attempts
+-- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix, the leased jobs' state entry
+-- Returns: next scheduled run-at ms (-1 if none), then per leased job the attempts it has had
+-- (false for none) and its envelope.
+local now, deadline, max, worker, cp, running = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 redis.call('ZADD', KEYS[5], deadline, worker)
 
 -- Claims of workers that stopped heartbeating go back to the front of the line.
@@ -745,20 +776,20 @@ if #expired > 0 then
   redis.call('ZREM', KEYS[2], unpack(expired))
   local states = redis.call('HMGET', KEYS[9], unpack(expired))
   for i, id in ipairs(expired) do
-    local a, w, st = string.match(states[i] or '', '^running|(%d+)|([^|]*)|([^|]*)|')
-    if a then
-      local env = redis.call('HGET', KEYS[8], id)
-      local ok, job = pcall(cjson.decode, env or '')
+    local held = string.match(states[i] or '', '^running(|.*)$')
+    if held then
+      local a = redis.call('HINCRBY', KEYS[11], id, 1)
+      local ok, job = pcall(cjson.decode, redis.call('HGET', KEYS[8], id) or '')
       local max_attempts = ok and tonumber(job['max_attempts']) or 1
-      if tonumber(a) >= max_attempts then
-        redis.call('HSET', KEYS[9], id, 'dead|' .. a .. '|' .. w .. '|' .. st .. '|' .. now)
+      if a >= max_attempts then
+        redis.call('HSET', KEYS[9], id, 'dead' .. string.match(held, '^(|[^|]*|[^|]*|)') .. now)
         redis.call('HSET', KEYS[10], id, 'lease expired: the worker running it stopped responding')
         redis.call('ZADD', KEYS[6], now, id)
         redis.call('HINCRBY', KEYS[7], 'failed', 1)
       else
-        -- The worker is kept: should its result still arrive before anyone else takes the
-        -- job, the result stands.
-        redis.call('HSET', KEYS[9], id, 'pending|' .. a .. '|' .. w .. '||')
+        -- The holder is kept: should its result arrive before anyone else takes the job,
+        -- the result stands.
+        redis.call('HSET', KEYS[9], id, 'pending' .. held)
         redis.call('RPUSH', KEYS[1], id)
       end
     end
@@ -769,20 +800,13 @@ end
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
 if #due > 0 then
   redis.call('ZREM', KEYS[3], unpack(due))
-  local states = redis.call('HMGET', KEYS[9], unpack(due))
-  local set, line = {}, {}
-  for i, id in ipairs(due) do
-    local a = string.match(states[i] or '', '^%a+|(%d+)|')
-    if a then
-      set[#set + 1] = id
-      set[#set + 1] = 'pending|' .. a .. '|||'
-      line[#line + 1] = id
-    end
+  local set = {}
+  for _, id in ipairs(due) do
+    set[#set + 1] = id
+    set[#set + 1] = 'pending|||'
   end
-  if #set > 0 then
-    redis.call('HSET', KEYS[9], unpack(set))
-    redis.call('LPUSH', KEYS[1], unpack(line))
-  end
+  redis.call('HSET', KEYS[9], unpack(set))
+  redis.call('LPUSH', KEYS[1], unpack(due))
 end
 
 local ids = redis.call('LRANGE', KEYS[4], 0, -1)
@@ -799,17 +823,17 @@ if #ids == 0 then return out end
 
 local states = redis.call('HMGET', KEYS[9], unpack(ids))
 local envs = redis.call('HMGET', KEYS[8], unpack(ids))
+local tries = redis.call('HMGET', KEYS[11], unpack(ids))
 local set, leased = {}, {}
 for i, id in ipairs(ids) do
   -- Anything but pending was canceled while its id sat in a claim list.
-  local a = string.match(states[i] or '', '^pending|(%d+)|')
-  if a and envs[i] then
-    a = tonumber(a) + 1
+  local s = states[i]
+  if s and string.sub(s, 1, 8) == 'pending|' and envs[i] then
     set[#set + 1] = id
-    set[#set + 1] = 'running|' .. a .. '|' .. worker .. '|' .. now .. '|'
+    set[#set + 1] = running
     leased[#leased + 1] = deadline
     leased[#leased + 1] = id
-    out[#out + 1] = a
+    out[#out + 1] = tries[i]
     out[#out + 1] = envs[i]
   end
 end
@@ -821,49 +845,44 @@ return out
 "#;
 
 const SETTLE_LUA: &str = r#"
--- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data
--- ARGV: worker, finished-before ms (older finished jobs are forgotten),
---       then per job: id, attempt, s|r|d, retry-at ms, error, finished ms
-local w, forget = ARGV[1], ARGV[2]
+-- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data, attempts
+-- ARGV: finished-before ms (older finished jobs are forgotten), then per job: id, the state
+--       entry of its lease, its state entry after, attempt, s|r|d, retry-at ms, error, finished ms
+local forget = ARGV[1]
 local ids = {}
-for i = 3, #ARGV, 6 do ids[#ids + 1] = ARGV[i] end
+for i = 2, #ARGV, 8 do ids[#ids + 1] = ARGV[i] end
 local states = redis.call('HMGET', KEYS[6], unpack(ids))
 local done, failed = 0, 0
-local set, errs, unleased, retry, dead, fin = {}, {}, {}, {}, {}, {}
+local set, tries, errs, unleased, retry, dead, fin = {}, {}, {}, {}, {}, {}, {}
 for n, id in ipairs(ids) do
-  local i = 3 + (n - 1) * 6
-  local a, o, at, err, ft = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  local cur = states[n] or ''
-  -- Only the attempt this worker was given counts: a lease that ran out may have been
-  -- taken by another worker since. (Plain comparisons: worker names are not patterns.)
-  local mine = '|' .. a .. '|' .. w .. '|'
-  local st
-  if string.sub(cur, 1, 7 + #mine) == 'running' .. mine then
-    st = string.match(cur, '^([^|]*)|', 8 + #mine)
-  elseif string.sub(cur, 1, 7 + #mine) == 'pending' .. mine then
+  local i = 2 + (n - 1) * 8
+  local lease, after, a, o = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  -- Only the lease this worker was given counts: one that ran out may have been taken by
+  -- another worker since.
+  local mine = states[n] == lease
+  if not mine and states[n] == 'pending' .. string.sub(lease, 8) then
     -- Its lease ran out and it went back in line, but nobody took it yet: this result stands.
-    if redis.call('LREM', KEYS[5], 1, id) == 1 then st = '' end
+    mine = redis.call('LREM', KEYS[5], 1, id) == 1
   end
-  if st then
+  if mine then
     unleased[#unleased + 1] = id
-    local tail = '|' .. a .. '|' .. w .. '|' .. st .. '|' .. ft
     set[#set + 1] = id
+    set[#set + 1] = after
+    tries[#tries + 1] = id
+    tries[#tries + 1] = a
     if o == 's' then
       done = done + 1
-      set[#set + 1] = 'succeeded' .. tail
-      fin[#fin + 1] = ft
+      fin[#fin + 1] = ARGV[i + 7]
       fin[#fin + 1] = id
     else
       failed = failed + 1
       errs[#errs + 1] = id
-      errs[#errs + 1] = err
+      errs[#errs + 1] = ARGV[i + 6]
       if o == 'r' then
-        set[#set + 1] = 'retrying' .. tail
-        retry[#retry + 1] = at
+        retry[#retry + 1] = ARGV[i + 5]
         retry[#retry + 1] = id
       else
-        set[#set + 1] = 'dead' .. tail
-        dead[#dead + 1] = ft
+        dead[#dead + 1] = ARGV[i + 7]
         dead[#dead + 1] = id
       end
     end
@@ -872,6 +891,7 @@ end
 if #unleased > 0 then
   redis.call('ZREM', KEYS[1], unpack(unleased))
   redis.call('HSET', KEYS[6], unpack(set))
+  redis.call('HSET', KEYS[10], unpack(tries))
 end
 if #errs > 0 then redis.call('HSET', KEYS[7], unpack(errs)) end
 if #retry > 0 then redis.call('ZADD', KEYS[2], unpack(retry)) end
@@ -887,21 +907,19 @@ if #old > 0 then
   redis.call('HDEL', KEYS[6], unpack(old))
   redis.call('HDEL', KEYS[7], unpack(old))
   redis.call('HDEL', KEYS[9], unpack(old))
+  redis.call('HDEL', KEYS[10], unpack(old))
 end
 return 0
 "#;
 
 const RELEASE_LUA: &str = r#"
--- KEYS: leased, pending, state; ARGV: worker, then per job: id, attempt
+-- KEYS: leased, pending, state; ARGV: per job: id, the state entry of its lease
 -- Jobs leased but never started go back to the front of the line, their attempt uncounted.
-local w = ARGV[1]
-for i = #ARGV - 1, 2, -2 do
-  local id, a = ARGV[i], ARGV[i + 1]
-  local cur = redis.call('HGET', KEYS[3], id) or ''
-  local mine = 'running|' .. a .. '|' .. w .. '|'
-  if string.sub(cur, 1, #mine) == mine then
+for i = #ARGV - 1, 1, -2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[3], id) == ARGV[i + 1] then
     redis.call('ZREM', KEYS[1], id)
-    redis.call('HSET', KEYS[3], id, 'pending|' .. (tonumber(a) - 1) .. '|||')
+    redis.call('HSET', KEYS[3], id, 'pending|||')
     redis.call('RPUSH', KEYS[2], id)
   end
 end
@@ -927,16 +945,16 @@ const CANCEL_LUA: &str = r#"
 local id, now = ARGV[1], ARGV[2]
 local cur = redis.call('HGET', KEYS[3], id)
 if not cur then return '' end
-local s, a = string.match(cur, '^(%a+)|(%d*)|')
+local s = string.match(cur, '^(%a+)|') or ''
 if s == 'pending' then
   -- Not in the list: a blocked worker moved it to its claim list; the fetch skips it there.
   redis.call('LREM', KEYS[1], 1, id)
 elseif s == 'scheduled' or s == 'retrying' then
   redis.call('ZREM', KEYS[2], id)
 else
-  return s or ''
+  return s
 end
-redis.call('HSET', KEYS[3], id, 'canceled|' .. a .. '|||' .. now)
+redis.call('HSET', KEYS[3], id, 'canceled|||' .. now)
 redis.call('ZADD', KEYS[4], now, id)
 return s
 "#;
