@@ -13,7 +13,7 @@
 //! | `P:{q}:scheduled` | ZSET | delayed jobs and retries, scored by run-at ms |
 //! | `P:{q}:leased` | ZSET | jobs handed to a worker, scored by lease deadline. **KEDA also reads its ZCARD** (running jobs keep a worker up). |
 //! | `P:{q}:dead` | ZSET | the dead set, scored by time of death |
-//! | `P:{q}:finished` | ZSET | succeeded and canceled jobs, scored by when; removed after an hour |
+//! | `P:{q}:finished` | ZSET | canceled jobs, scored by when; removed after an hour |
 //! | `P:{q}:workers` | ZSET | consumers, scored by heartbeat deadline |
 //! | `P:{q}:claim:<worker>` | LIST | ids a blocked worker popped and is about to lease |
 //! | `P:{q}:stats` | HASH | `done`, `failed` counters |
@@ -21,7 +21,7 @@
 //! | `P:queues` | SET | queues that have had jobs |
 //!
 //! Every state change is one Lua script over one queue's keys, so a job is always in exactly
-//! one of pending / scheduled / leased / dead / finished. Job fields live in per-queue hashes
+//! one of pending / scheduled / leased / dead, or gone (succeeded; canceled after an hour). Job fields live in per-queue hashes
 //! rather than a hash per job so that a script touches a whole batch with one variadic command
 //! per structure (`HMGET`/`HSET`/`ZADD`/`ZREM` over 100 ids) instead of several commands per job:
 //! that is what makes a fetch or a settlement cost about the same for 1 job as for 100. The
@@ -44,8 +44,9 @@ use crate::{
     queue::QueueName,
 };
 
-/// How long a succeeded or canceled job's record stays in Redis for `GET /v1/jobs/{id}`; after
-/// that the history database answers.
+/// How long a canceled job's record stays in Redis for `GET /v1/jobs/{id}`; after that the
+/// history database answers, as it does for a succeeded job at once (keeping those would cost
+/// the hot path a write and a delete per job).
 const FINISHED_TTL_MS: i64 = 3_600_000;
 /// How long an idempotency key maps to its first job.
 const IDEMPOTENCY_WINDOW_S: u64 = 86_400;
@@ -659,12 +660,11 @@ impl Driver for RedisDriver {
             let leased = s.job.receipt;
             inv.arg(s.job.id.to_string())
                 .arg(StateEntry::running(&self.worker, leased))
-                .arg(StateEntry::ended(
-                    s.outcome.state(),
-                    &self.worker,
-                    leased,
-                    s.finished_at_ms,
-                ))
+                .arg(match s.outcome {
+                    // Forgotten by the broker: see the settle script.
+                    Outcome::Succeeded => String::new(),
+                    _ => StateEntry::ended(s.outcome.state(), &self.worker, leased, s.finished_at_ms),
+                })
                 .arg(s.job.attempt)
                 .arg(code)
                 .arg(at)
@@ -853,7 +853,7 @@ local ids = {}
 for i = 2, #ARGV, 8 do ids[#ids + 1] = ARGV[i] end
 local states = redis.call('HMGET', KEYS[6], unpack(ids))
 local done, failed = 0, 0
-local set, tries, errs, unleased, retry, dead, fin = {}, {}, {}, {}, {}, {}, {}
+local set, tries, errs, unleased, retry, dead, gone = {}, {}, {}, {}, {}, {}, {}
 for n, id in ipairs(ids) do
   local i = 2 + (n - 1) * 8
   local lease, after, a, o = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -866,15 +866,14 @@ for n, id in ipairs(ids) do
   end
   if mine then
     unleased[#unleased + 1] = id
-    set[#set + 1] = id
-    set[#set + 1] = after
-    tries[#tries + 1] = id
-    tries[#tries + 1] = a
     if o == 's' then
       done = done + 1
-      fin[#fin + 1] = ARGV[i + 7]
-      fin[#fin + 1] = id
+      gone[#gone + 1] = id
     else
+      set[#set + 1] = id
+      set[#set + 1] = after
+      tries[#tries + 1] = id
+      tries[#tries + 1] = a
       failed = failed + 1
       errs[#errs + 1] = id
       errs[#errs + 1] = ARGV[i + 6]
@@ -888,19 +887,22 @@ for n, id in ipairs(ids) do
     end
   end
 end
-if #unleased > 0 then
-  redis.call('ZREM', KEYS[1], unpack(unleased))
+if #unleased > 0 then redis.call('ZREM', KEYS[1], unpack(unleased)) end
+if #set > 0 then
   redis.call('HSET', KEYS[6], unpack(set))
   redis.call('HSET', KEYS[10], unpack(tries))
+  redis.call('HSET', KEYS[7], unpack(errs))
 end
-if #errs > 0 then redis.call('HSET', KEYS[7], unpack(errs)) end
 if #retry > 0 then redis.call('ZADD', KEYS[2], unpack(retry)) end
 if #dead > 0 then redis.call('ZADD', KEYS[3], unpack(dead)) end
-if #fin > 0 then redis.call('ZADD', KEYS[8], unpack(fin)) end
+-- A succeeded job is done with the broker: the history database answers for it from now on.
+if #gone > 0 then
+  for _, k in ipairs({KEYS[6], KEYS[9], KEYS[10], KEYS[7]}) do redis.call('HDEL', k, unpack(gone)) end
+end
 if done > 0 then redis.call('HINCRBY', KEYS[4], 'done', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[4], 'failed', failed) end
 
--- Succeeded and canceled jobs are kept an hour for look-ups, then forgotten, a slice at a time.
+-- Canceled jobs are kept an hour for look-ups, then forgotten, a slice at a time.
 local old = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', forget, 'LIMIT', 0, 200)
 if #old > 0 then
   redis.call('ZREM', KEYS[8], unpack(old))
