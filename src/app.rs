@@ -101,6 +101,8 @@ pub async fn run_workers(
     deps: workers::Deps,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Workers register their metric handles once, at start: the recorder must exist by then.
+    api::install_metrics();
     workers::run(
         stack.broker.clone(),
         stack.catalog.clone(),

@@ -323,10 +323,6 @@ fn spawn_worker(args: &BenchArgs, conn: &Connections) -> anyhow::Result<Child> {
         .env("BENCH_CONC", args.conc.to_string())
         .env("BENCH_N", args.n.to_string())
         .env("BENCH_LAT_N", args.lat_n.to_string())
-        .env(
-            "DROVER_LOG",
-            std::env::var("DROVER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -372,8 +368,8 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 pub async fn worker(args: BenchWorkerArgs) -> anyhow::Result<()> {
     let catalog = Catalog::new(&CatalogConfig::default());
     let stack = Stack::connect(&args.conn, catalog, Migrations::Require).await?;
-    // What `drover worker` records metrics into.
-    let _metrics = api::install_metrics();
+    // What `drover worker` records metrics into (see `app::run_workers`).
+    api::install_metrics();
     let (probe, mut pickups) = tokio::sync::mpsc::unbounded_channel();
     let settings = workers::WorkerSettings {
         queues: vec![QueueName::parse(QUEUE)?],

@@ -171,12 +171,7 @@ impl QueueBackend {
                     }
                 }
                 tracing::debug!(count = unstarted.len(), "releasing prefetched jobs");
-                retry_forever(
-                    "release",
-                    || driver.release(unstarted.clone()),
-                    Duration::from_secs(10),
-                )
-                .await?;
+                retry_forever("release", || driver.release(&unstarted), Duration::from_secs(10)).await?;
             }
             if let Some(f) = flusher {
                 let _ = f.await;
@@ -227,7 +222,7 @@ async fn fetch_loop(
                             mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
                         };
                         held.lock().expect("held set poisoned").remove(&job.id);
-                        let _ = driver.release(vec![job]).await;
+                        let _ = driver.release(&[job]).await;
                     }
                 }
             }
@@ -292,7 +287,7 @@ async fn settle_loop(
             // dead-set move would lose the job's fate. Keep trying.
             if retry_forever(
                 "settle",
-                || driver.settle(batch.clone()),
+                || driver.settle(&batch),
                 Duration::from_secs(u64::MAX / 4),
             )
             .await
@@ -462,7 +457,7 @@ where
                 }
             };
             let settlement = Settlement {
-                job: Arc::unwrap_or_clone(job),
+                job,
                 outcome: outcome.clone(),
                 worker,
                 started_at_ms,

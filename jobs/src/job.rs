@@ -121,7 +121,8 @@ impl Outcome {
 /// One finished attempt, handed to the broker to acknowledge.
 #[derive(Clone, Debug)]
 pub struct Settlement {
-    pub job: Job,
+    /// Shared with the attempt that ran it: settling copies nothing.
+    pub job: Arc<Job>,
     pub outcome: Outcome,
     pub worker: Arc<str>,
     pub started_at_ms: i64,

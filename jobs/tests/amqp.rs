@@ -124,7 +124,7 @@ fn job(q: &QueueName, max_attempts: u32) -> Job {
 
 fn settle(job: Job, outcome: Outcome, worker: &ConsumerConfig) -> Settlement {
     Settlement {
-        job,
+        job: job.into(),
         outcome,
         worker: worker.worker.clone(),
         started_at_ms: now_ms(),
@@ -172,9 +172,9 @@ async fn a_pushed_job_is_delivered_once_and_gone_after_its_ack() {
     assert_ne!(j.receipt, 0, "a delivery carries its receipt");
 
     d.settle(
-        got.into_iter()
+        &got.into_iter()
             .map(|j| settle(j, Outcome::Succeeded, &c))
-            .collect(),
+            .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
@@ -222,11 +222,11 @@ async fn a_batch_of_a_thousand_jobs_is_delivered_exactly_once() {
     while got.len() < 1_000 && start.elapsed() < Duration::from_secs(20) {
         let batch = d.fetch(c.prefetch, Duration::from_millis(200)).await.unwrap();
         d.settle(
-            batch
+            &batch
                 .iter()
                 .cloned()
                 .map(|j| settle(j, Outcome::Succeeded, &c))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
         .await
         .unwrap();
@@ -277,7 +277,7 @@ async fn a_retry_comes_back_no_sooner_than_its_time_as_attempt_two() {
         error: "boom".into(),
         how: AttemptOutcome::Failed,
     };
-    d.settle(vec![settle(first.clone(), outcome, &c)]).await.unwrap();
+    d.settle(&[settle(first.clone(), outcome, &c)]).await.unwrap();
     let s = e.broker.stats(&e.queue).await.unwrap();
     assert_eq!(
         (s.pending, s.scheduled),
@@ -294,9 +294,7 @@ async fn a_retry_comes_back_no_sooner_than_its_time_as_attempt_two() {
     assert!(late >= -5, "retry delivered {} ms early", -late);
     assert!(late < 1_000, "retry delivered {late} ms late");
     assert_eq!((again.id, again.attempt), (first.id, 2));
-    d.settle(vec![settle(again, Outcome::Succeeded, &c)])
-        .await
-        .unwrap();
+    d.settle(&[settle(again, Outcome::Succeeded, &c)]).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +311,7 @@ async fn a_dead_job_lands_in_the_dead_queue_with_its_error_and_is_counted() {
         error: "bad input".into(),
         how: AttemptOutcome::Failed,
     };
-    d.settle(vec![settle(j, dead, &c)]).await.unwrap();
+    d.settle(&[settle(j, dead, &c)]).await.unwrap();
 
     let s = wait_for_stats(&e, "dead job counted", |s| s.dead == 1).await;
     assert_eq!((s.pending, s.scheduled), (0, 0), "{s:?}");
@@ -363,7 +361,7 @@ async fn released_jobs_are_delivered_again_without_counting_an_attempt() {
         .unwrap();
     let got = fetch_n(&d, 3, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 3);
-    d.release(got.clone()).await.unwrap();
+    d.release(&got).await.unwrap();
 
     let again = fetch_n(&d, 3, Duration::from_secs(5)).await;
     let mut before: Vec<JobId> = got.iter().map(|j| j.id).collect();
@@ -376,10 +374,10 @@ async fn released_jobs_are_delivered_again_without_counting_an_attempt() {
         "a released job's attempt is not counted"
     );
     d.settle(
-        again
+        &again
             .into_iter()
             .map(|j| settle(j, Outcome::Succeeded, &c))
-            .collect(),
+            .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
@@ -626,17 +624,15 @@ async fn after_a_lost_connection_pushes_and_consumers_resume_and_unacked_jobs_co
     assert!(got.iter().all(|j| j.attempt == 1));
 
     // The ack of the delivery from before the cut is void; it must not ack anything else.
-    d.settle(vec![settle(held, Outcome::Succeeded, &c)])
-        .await
-        .unwrap();
+    d.settle(&[settle(held, Outcome::Succeeded, &c)]).await.unwrap();
     assert!(
         d.fetch(2, Duration::from_millis(300)).await.unwrap().is_empty(),
         "nothing lost or doubled"
     );
     d.settle(
-        got.into_iter()
+        &got.into_iter()
             .map(|j| settle(j, Outcome::Succeeded, &c))
-            .collect(),
+            .collect::<Vec<_>>(),
     )
     .await
     .unwrap();

@@ -153,7 +153,7 @@ fn cfg(lease: Duration) -> ConsumerConfig {
 
 fn settle(job: Job, outcome: Outcome, worker: &ConsumerConfig) -> Settlement {
     Settlement {
-        job,
+        job: job.into(),
         outcome,
         worker: worker.worker.clone(),
         started_at_ms: now_ms(),
@@ -187,9 +187,9 @@ async fn pushed_jobs_are_each_delivered_once_and_acked(kind: Kind) {
         assert!(got.iter().all(|j| j.attempt == 1));
         seen.extend(got.iter().map(|j| j.id));
         d.settle(
-            got.into_iter()
+            &got.into_iter()
                 .map(|j| settle(j, Outcome::Succeeded, &c))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
         .await
         .unwrap();
@@ -221,7 +221,7 @@ async fn a_retry_comes_back_at_its_time_with_the_next_attempt_number(kind: Kind)
         error: "boom".into(),
         how: AttemptOutcome::Failed,
     };
-    d.settle(vec![settle(first.clone(), outcome, &c)]).await.unwrap();
+    d.settle(&[settle(first.clone(), outcome, &c)]).await.unwrap();
     let again = fetch_n(&d, 1, Duration::from_secs(5))
         .await
         .pop()
@@ -246,7 +246,7 @@ async fn a_job_failing_its_last_attempt_is_dead_and_counted(kind: Kind) {
         error: "bad".into(),
         how: AttemptOutcome::Failed,
     };
-    d.settle(vec![settle(j, dead, &c)]).await.unwrap();
+    d.settle(&[settle(j, dead, &c)]).await.unwrap();
     let start = Instant::now();
     loop {
         let s = e.broker.stats(&e.queue).await.unwrap();
@@ -277,7 +277,7 @@ async fn released_jobs_go_back_unstarted(kind: Kind) {
         .await
         .pop()
         .expect("delivered");
-    d.release(vec![j.clone()]).await.unwrap();
+    d.release(std::slice::from_ref(&j)).await.unwrap();
     let again = fetch_n(&d, 1, Duration::from_secs(5))
         .await
         .pop()
@@ -324,9 +324,9 @@ async fn an_idle_fetch_wakes_up_as_soon_as_a_job_is_pushed(kind: Kind) {
         let (at, got) = waiter.await.unwrap();
         lat.push((at - sent).as_secs_f64() * 1e3);
         d.settle(
-            got.into_iter()
+            &got.into_iter()
                 .map(|j| settle(j, Outcome::Succeeded, &c))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
         .await
         .unwrap();
@@ -392,7 +392,7 @@ async fn an_expired_lease_is_delivered_again(kind: Kind) {
         .expect("redelivered");
     assert_eq!((again.id, again.attempt), (lost.id, 2));
     // The dead worker's late result is ignored: the job stays with its new holder.
-    d1.settle(vec![settle(lost, Outcome::Succeeded, &short)])
+    d1.settle(&[settle(lost, Outcome::Succeeded, &short)])
         .await
         .unwrap();
     assert_eq!(

@@ -78,7 +78,7 @@ const LONG: Duration = Duration::from_secs(30);
 
 fn settlement(job: Job, outcome: Outcome, cfg: &ConsumerConfig) -> Settlement {
     Settlement {
-        job,
+        job: job.into(),
         outcome,
         worker: cfg.worker.clone(),
         started_at_ms: now_ms(),
@@ -126,7 +126,7 @@ async fn a_pushed_job_is_fetched_settled_and_counted_as_done() {
     assert_eq!(running.worker_id.as_deref(), Some(&*cfg.worker));
     assert_eq!(running.payload, Some(serde_json::json!({"ms": 0})));
 
-    d.settle(vec![settlement(job, Outcome::Succeeded, &cfg)])
+    d.settle(&[settlement(job, Outcome::Succeeded, &cfg)])
         .await
         .unwrap();
     let done = t.broker.get(pushed.id).await.unwrap().unwrap();
@@ -164,9 +164,9 @@ async fn a_batch_of_a_thousand_jobs_is_each_delivered_once() {
     assert_eq!(t.broker.stats(&t.queue).await.unwrap().running, 1_000);
 
     d.settle(
-        got.into_iter()
+        &got.into_iter()
             .map(|j| settlement(j, Outcome::Succeeded, &cfg))
-            .collect(),
+            .collect::<Vec<_>>(),
     )
     .await
     .unwrap();
@@ -185,7 +185,7 @@ async fn a_retry_is_not_delivered_before_its_time_and_comes_back_as_attempt_two(
     t.broker.push(t.job(3)).await.unwrap();
     let first = fetch_one(&d).await;
     let at = now_ms() + 300;
-    d.settle(vec![settlement(first.clone(), retry_at(at), &cfg)])
+    d.settle(&[settlement(first.clone(), retry_at(at), &cfg)])
         .await
         .unwrap();
 
@@ -223,7 +223,7 @@ async fn a_job_that_always_fails_ends_dead_after_max_attempts_and_is_counted() {
                 how: AttemptOutcome::Failed,
             }
         };
-        d.settle(vec![settlement(job, outcome, &cfg)]).await.unwrap();
+        d.settle(&[settlement(job, outcome, &cfg)]).await.unwrap();
     }
     assert!(
         d.fetch(1, Duration::from_millis(150)).await.unwrap().is_empty(),
@@ -249,7 +249,7 @@ async fn the_dead_set_lists_the_newest_first() {
             error: "bad".into(),
             how: AttemptOutcome::Failed,
         };
-        d.settle(vec![Settlement {
+        d.settle(&[Settlement {
             finished_at_ms: now_ms() + ids.len() as i64,
             ..settlement(job, dead, &cfg)
         }])
@@ -287,7 +287,7 @@ async fn released_jobs_go_back_with_their_attempt_uncounted() {
     }
     let held = fetch_n(&d, 3, Duration::from_secs(5)).await;
     assert_eq!(held.len(), 3);
-    d.release(held.clone()).await.unwrap();
+    d.release(&held).await.unwrap();
     let s = t.broker.stats(&t.queue).await.unwrap();
     assert_eq!((s.pending, s.running), (3, 0), "{s:?}");
     let record = t.broker.get(held[0].id).await.unwrap().unwrap();
@@ -314,7 +314,7 @@ async fn an_expired_lease_is_delivered_again_and_the_late_result_is_ignored() {
     let (d2, _) = t.driver(LONG).await;
     let again = fetch_one(&d2).await;
     assert_eq!((again.id, again.attempt), (lost.id, 2));
-    d1.settle(vec![settlement(lost, Outcome::Succeeded, &short)])
+    d1.settle(&[settlement(lost, Outcome::Succeeded, &short)])
         .await
         .unwrap();
     assert_eq!(
@@ -378,9 +378,9 @@ async fn an_idle_fetch_wakes_up_within_milliseconds_of_a_push_in_the_same_proces
         let (at, got) = waiter.await.unwrap();
         lat.push((at - sent).as_secs_f64() * 1e3);
         d.settle(
-            got.into_iter()
+            &got.into_iter()
                 .map(|j| settlement(j, Outcome::Succeeded, &cfg))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
         .await
         .unwrap();
@@ -499,7 +499,7 @@ async fn a_succeeded_job_is_deleted_an_hour_after_it_finished_but_stays_counted(
     let recent = t.broker.push(t.job(3)).await.unwrap().id;
     let got = fetch_n(&d, 2, Duration::from_secs(5)).await;
     let two_hours_ago = now_ms() - 7_200_000;
-    let batch = got
+    let batch: Vec<_> = got
         .into_iter()
         .map(|j| {
             let finished_at_ms = if j.id == old { two_hours_ago } else { now_ms() };
@@ -509,7 +509,7 @@ async fn a_succeeded_job_is_deleted_an_hour_after_it_finished_but_stays_counted(
             }
         })
         .collect();
-    d.settle(batch).await.unwrap();
+    d.settle(&batch).await.unwrap();
     // A broker cleans up at its first fetch (in the background), then once a minute; the one
     // above has had its turn, so a worker of a new broker on the same file triggers it.
     let later = SqliteBroker::connect(&format!("sqlite://{}", t.path.display()), "drover")
@@ -594,9 +594,9 @@ async fn twenty_thousand_jobs_are_pushed_and_drained_once_each() {
         }
         drained += got.len();
         d.settle(
-            got.into_iter()
+            &got.into_iter()
                 .map(|j| settlement(j, Outcome::Succeeded, &cfg))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
         .await
         .unwrap();

@@ -79,4 +79,9 @@ impl Registry {
     pub fn get(&self, kind: &str) -> Option<Handler> {
         self.handlers.get(kind).copied()
     }
+
+    /// The kinds this registry runs.
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.handlers.keys().copied()
+    }
 }

@@ -7,6 +7,7 @@
 //! Keeping the decision in one place is what makes retry semantics identical on every broker.
 
 use std::{
+    collections::HashMap,
     future::Future,
     panic::AssertUnwindSafe,
     sync::Arc,
@@ -110,6 +111,7 @@ pub async fn run(
             deps: deps.clone(),
             history: history.clone(),
             worker: worker.clone(),
+            metrics: Arc::new(QueueMetrics::new(queue, registry.kinds())),
         };
         let queue = queue.clone();
         let concurrency = settings.concurrency.max(1);
@@ -141,6 +143,62 @@ pub struct AttemptService {
     deps: Arc<Deps>,
     history: Option<HistoryWriter>,
     worker: Arc<str>,
+    metrics: Arc<QueueMetrics>,
+}
+
+/// One queue's metric handles, registered once: looking a metric up by its labels on every
+/// attempt would allocate the label strings and hash them each time.
+struct QueueMetrics {
+    wait: metrics::Histogram,
+    kinds: HashMap<&'static str, KindMetrics>,
+}
+
+struct KindMetrics {
+    duration: metrics::Histogram,
+    succeeded: metrics::Counter,
+    retried: metrics::Counter,
+    dead: metrics::Counter,
+}
+
+impl KindMetrics {
+    fn new(queue: &QueueName, kind: &str) -> Self {
+        let (queue, kind) = (queue.to_string(), kind.to_owned());
+        let completed = |outcome: &'static str| metrics::counter!("drover_jobs_completed_total", "queue" => queue.clone(), "kind" => kind.clone(), "outcome" => outcome);
+        Self {
+            duration: metrics::histogram!("drover_job_duration_seconds", "queue" => queue.clone(), "kind" => kind.clone()),
+            succeeded: completed("succeeded"),
+            retried: completed("retried"),
+            dead: completed("dead"),
+        }
+    }
+}
+
+impl QueueMetrics {
+    fn new(queue: &QueueName, kinds: impl Iterator<Item = &'static str>) -> Self {
+        Self {
+            wait: metrics::histogram!("drover_job_wait_seconds", "queue" => queue.to_string()),
+            kinds: kinds.map(|k| (k, KindMetrics::new(queue, k))).collect(),
+        }
+    }
+
+    fn record(&self, job: &Job, elapsed: Duration, outcome: &Outcome) {
+        let fallback;
+        let m = match self.kinds.get(&*job.kind) {
+            Some(m) => m,
+            // A kind this worker has no handler for: rare, so registered on the spot.
+            None => {
+                fallback = KindMetrics::new(&job.queue, &job.kind);
+                &fallback
+            }
+        };
+        m.duration.record(elapsed.as_secs_f64());
+        match outcome {
+            Outcome::Succeeded => &m.succeeded,
+            Outcome::Retry { .. } => &m.retried,
+            Outcome::Dead { .. } => &m.dead,
+        }
+        .increment(1);
+    }
 }
 
 impl tower::Service<Task<JobRef>> for AttemptService {
@@ -173,7 +231,7 @@ impl AttemptService {
         if let Some(h) = &self.history {
             history::started(h, &job, &self.worker, started);
         }
-        metrics::histogram!("drover_job_wait_seconds", "queue" => job.queue.to_string()).record(
+        self.metrics.wait.record(
             (started
                 - job
                     .run_at_ms
@@ -196,14 +254,7 @@ impl AttemptService {
                 tracing::error!(error = %error, "job failed for good: moved to the dead set")
             }
         }
-        let labels = [("queue", job.queue.to_string()), ("kind", job.kind.to_string())];
-        metrics::histogram!("drover_job_duration_seconds", &labels).record(elapsed.as_secs_f64());
-        let result_label = match &outcome {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Retry { .. } => "retried",
-            Outcome::Dead { .. } => "dead",
-        };
-        metrics::counter!("drover_jobs_completed_total", "queue" => job.queue.to_string(), "kind" => job.kind.to_string(), "outcome" => result_label).increment(1);
+        self.metrics.record(&job, elapsed, &outcome);
         if let Some(h) = &self.history {
             history::finished(h, &job, &self.worker, started, finished, &outcome);
         }

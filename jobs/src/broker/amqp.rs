@@ -1177,7 +1177,7 @@ impl Driver for AmqpDriver {
         Ok(out)
     }
 
-    async fn settle(&self, batch: Vec<Settlement>) -> Result<(), BrokerError> {
+    async fn settle(&self, batch: &[Settlement]) -> Result<(), BrokerError> {
         // Receipts of a channel that has closed are void: RabbitMQ has requeued those messages,
         // so they run again (at least once) and nothing here may touch them.
         let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
@@ -1189,7 +1189,7 @@ impl Driver for AmqpDriver {
         let mut msgs = Vec::new();
         {
             let unsettled = self.unsettled.lock().expect("unsettled poisoned");
-            for s in &batch {
+            for s in batch {
                 let r = s.job.receipt;
                 let Some(&published) = unsettled.get(&r) else {
                     continue;
@@ -1205,12 +1205,12 @@ impl Driver for AmqpDriver {
                     }
                     Outcome::Retry { at_ms, .. } => {
                         // `attempt` is the attempt that just ended: attempts made so far.
-                        let mut job = s.job.clone();
+                        let mut job = Job::clone(&s.job);
                         job.run_at_ms = Some(*at_ms);
                         (self.names.for_remaining(at_ms - now).to_owned(), job, None)
                     }
                     Outcome::Dead { error, .. } => {
-                        (self.names.dead.clone(), s.job.clone(), Some(error.as_str()))
+                        (self.names.dead.clone(), Job::clone(&s.job), Some(error.as_str()))
                     }
                 };
                 msgs.push(Outgoing {
@@ -1251,7 +1251,7 @@ impl Driver for AmqpDriver {
         failure.map_or(Ok(()), Err)
     }
 
-    async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError> {
+    async fn release(&self, jobs: &[Job]) -> Result<(), BrokerError> {
         let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
             return Ok(());
         };

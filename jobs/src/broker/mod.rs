@@ -128,9 +128,9 @@ pub trait Driver: Send + Sync + 'static {
     /// An empty vector means nothing arrived in time.
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Job>, BrokerError>;
     /// Applies finished attempts: acknowledge, schedule the retry, or move to the dead set.
-    async fn settle(&self, batch: Vec<Settlement>) -> Result<(), BrokerError>;
+    async fn settle(&self, batch: &[Settlement]) -> Result<(), BrokerError>;
     /// Gives back leased jobs that were never started (shutdown), untouched.
-    async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError>;
+    async fn release(&self, jobs: &[Job]) -> Result<(), BrokerError>;
     /// Extends the leases of jobs this worker still holds.
     async fn renew(&self, held: &[JobId]) -> Result<(), BrokerError>;
 }

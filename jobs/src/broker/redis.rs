@@ -637,7 +637,7 @@ impl Driver for RedisDriver {
         Ok(self.lease(max).await?.0)
     }
 
-    async fn settle(&self, batch: Vec<Settlement>) -> Result<(), BrokerError> {
+    async fn settle(&self, batch: &[Settlement]) -> Result<(), BrokerError> {
         let k = &self.keys;
         let mut inv = self.broker.scripts.settle.prepare_invoke();
         inv.key(&k.leased)
@@ -651,7 +651,7 @@ impl Driver for RedisDriver {
             .key(&k.data)
             .key(&k.attempts);
         inv.arg(now_ms() - FINISHED_TTL_MS);
-        for s in &batch {
+        for s in batch {
             let (code, at, err) = match &s.outcome {
                 Outcome::Succeeded => ("s", 0, ""),
                 Outcome::Retry { at_ms, error, .. } => ("r", *at_ms, error.as_str()),
@@ -681,11 +681,11 @@ impl Driver for RedisDriver {
         Ok(())
     }
 
-    async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError> {
+    async fn release(&self, jobs: &[Job]) -> Result<(), BrokerError> {
         let k = &self.keys;
         let mut inv = self.broker.scripts.release.prepare_invoke();
         inv.key(&k.leased).key(&k.pending).key(&k.state);
-        for j in &jobs {
+        for j in jobs {
             inv.arg(j.id.to_string())
                 .arg(StateEntry::running(&self.worker, j.receipt));
         }

@@ -898,7 +898,7 @@ impl Driver for SqliteDriver {
         }
     }
 
-    async fn settle(&self, batch: Vec<Settlement>) -> Result<(), BrokerError> {
+    async fn settle(&self, batch: &[Settlement]) -> Result<(), BrokerError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -958,7 +958,7 @@ impl Driver for SqliteDriver {
         Ok(())
     }
 
-    async fn release(&self, jobs: Vec<Job>) -> Result<(), BrokerError> {
+    async fn release(&self, jobs: &[Job]) -> Result<(), BrokerError> {
         if jobs.is_empty() {
             return Ok(());
         }
