@@ -20,8 +20,10 @@
 //! SQLite's busy-retry sleeps); reads run on a small pool of their own beside it, which WAL allows.
 //!
 //! An idle fetch waits on an in-process signal that pushes, retries and releases raise, so a
-//! worker in the same process picks a new job up at once. Jobs pushed by another process are
-//! seen at the next poll, every [`CROSS_PROCESS_POLL`].
+//! worker in the same process picks a new job up at once. Another process's commits are noticed
+//! by a watcher that reads `PRAGMA data_version` (a counter SQLite bumps when any other
+//! connection commits) every [`CHANGE_POLL`] and raises every signal when it moves; idle fetches
+//! also look again every [`CROSS_PROCESS_POLL`] for delayed jobs falling due.
 //!
 //! In [`QueueStats`], `pending` counts waiting jobs that are due, including delayed jobs and
 //! retries whose time has come that no worker has taken yet; `scheduled` counts those not due
@@ -62,6 +64,9 @@ const IDEMPOTENCY_WINDOW_MS: i64 = 86_400_000;
 /// process a push wakes it at once). Also bounds how late an expired lease is noticed by an
 /// idle worker.
 pub const CROSS_PROCESS_POLL: Duration = Duration::from_millis(100);
+/// How often the change watcher asks SQLite whether another connection committed: a cheap
+/// pragma that reads a counter in shared memory, about a microsecond of SQLite's time.
+pub const CHANGE_POLL: Duration = Duration::from_millis(2);
 /// Rows per multi-row `INSERT` when pushing: 10 parameters each, far below SQLite's limit of
 /// 32,766 bound parameters, and large enough that a batch costs few statements.
 const PUSH_CHUNK: usize = 500;
@@ -107,6 +112,8 @@ struct Database {
     reader: SqlitePool,
     /// Raised when a queue (of a prefix) gets work; idle fetches wait on it.
     wakeups: Mutex<Wakeups>,
+    /// Whether the change watcher runs (never for an in-memory database: one process only).
+    watching: AtomicBool,
 }
 
 /// One signal per (prefix, queue).
@@ -158,6 +165,7 @@ impl Database {
             writer,
             reader,
             wakeups: Mutex::default(),
+            watching: AtomicBool::new(in_memory),
         });
         open.insert(key, Arc::downgrade(&db));
         Ok(db)
@@ -170,6 +178,45 @@ impl Database {
 
     fn wake(&self, prefix: &Arc<str>, queue: &QueueName) {
         self.wakeup(prefix, queue).notify_waiters();
+    }
+
+    /// Starts the change watcher once per file and process, at the first idle fetch. It asks
+    /// the writer connection, whose `data_version` moves only with *other* connections'
+    /// commits: this process's own leases and settlements wake nobody (they signal in-process).
+    fn watch_for_other_processes(self: &Arc<Self>) {
+        if self.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let db = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(CHANGE_POLL).await;
+                let Some(db) = db.upgrade() else { return };
+                match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+                    .fetch_one(&db.writer)
+                    .await
+                {
+                    Ok(v) => {
+                        if last.is_some_and(|l| l != v) {
+                            let wakeups: Vec<Arc<Notify>> = db
+                                .wakeups
+                                .lock()
+                                .expect("wakeups poisoned")
+                                .values()
+                                .cloned()
+                                .collect();
+                            for w in wakeups {
+                                w.notify_waiters();
+                            }
+                        }
+                        last = Some(v);
+                    }
+                    // Tried again at the next tick; idle fetches still poll meanwhile.
+                    Err(_) => {}
+                }
+            }
+        });
     }
 }
 
@@ -879,6 +926,7 @@ impl Driver for SqliteDriver {
             return Ok(Vec::new());
         }
         self.broker.maybe_clean();
+        self.broker.inner.db.watch_for_other_processes();
         let deadline = Instant::now() + wait;
         loop {
             // Listen before looking, so that a push landing in between still wakes this fetch.
