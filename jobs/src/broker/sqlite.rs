@@ -193,28 +193,26 @@ impl Database {
             loop {
                 tokio::time::sleep(CHANGE_POLL).await;
                 let Some(db) = db.upgrade() else { return };
-                match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+                // On an error it is asked again at the next tick; idle fetches still poll.
+                let Ok(v) = sqlx::query_scalar::<_, i64>("PRAGMA data_version")
                     .fetch_one(&db.writer)
                     .await
-                {
-                    Ok(v) => {
-                        if last.is_some_and(|l| l != v) {
-                            let wakeups: Vec<Arc<Notify>> = db
-                                .wakeups
-                                .lock()
-                                .expect("wakeups poisoned")
-                                .values()
-                                .cloned()
-                                .collect();
-                            for w in wakeups {
-                                w.notify_waiters();
-                            }
-                        }
-                        last = Some(v);
+                else {
+                    continue;
+                };
+                if last.is_some_and(|l| l != v) {
+                    let wakeups: Vec<Arc<Notify>> = db
+                        .wakeups
+                        .lock()
+                        .expect("wakeups poisoned")
+                        .values()
+                        .cloned()
+                        .collect();
+                    for w in wakeups {
+                        w.notify_waiters();
                     }
-                    // Tried again at the next tick; idle fetches still poll meanwhile.
-                    Err(_) => {}
                 }
+                last = Some(v);
             }
         });
     }
