@@ -3,14 +3,16 @@
 //! figures; it asserts nothing about them.
 //!
 //! ```text
-//! cargo run --release -p schema --example history_bench -- postgres://postgres@127.0.0.1:5432/postgres [jobs]
-//! cargo run --release -p schema --example history_bench -- sqlite [jobs]
+//! cargo run --release -p schema --example history_bench -- postgres://postgres@127.0.0.1:5432/postgres [jobs] [phase]
+//! cargo run --release -p schema --example history_bench -- sqlite [jobs] [phase]
 //! ```
+//!
+//! `BENCH_MAX_BATCH` overrides [`HistoryConfig::max_batch`].
 //!
 //! For Postgres the URL names any database on the server: the bench creates its own database next
 //! to it and drops it at the end. For SQLite it uses a temporary file.
 //!
-//! Two phases, each with `jobs` jobs (default 100 000) whose events are recorded as a worker with
+//! Two phases (or the one named), each with `jobs` jobs (default 100 000) whose events are recorded as a worker with
 //! 50 jobs in flight would (job i starts, then job i−50 finishes), all queued at once so that the
 //! writer runs flat out:
 //! - `fresh`: no row exists yet (what `drover bench` does: it enqueues without the API);
@@ -37,13 +39,19 @@ const TICKS_PER_S: f64 = 100.0;
 async fn main() {
     let mut args = std::env::args().skip(1);
     let target = args.next().unwrap_or_else(|| "sqlite".to_owned());
-    let jobs: usize = args.next().map_or(100_000, |n| n.parse().expect("jobs: a number"));
+    let jobs: usize = args
+        .next()
+        .map_or(100_000, |n| n.parse().expect("jobs: a number"));
+    let only = args.next();
 
     let scratch = Scratch::create(&target).await;
     let db = schema::connect(&scratch.url).await.expect("connect");
     schema::migrate(&db).await.expect("migrate");
 
     for phase in [Phase::Fresh, Phase::Enqueued] {
+        if only.as_ref().is_some_and(|only| *only != phase.name()) {
+            continue;
+        }
         let ids: Vec<Uuid> = (0..jobs).map(|_| Uuid::now_v7()).collect();
         if phase == Phase::Enqueued {
             for chunk in ids.chunks(1000) {
@@ -65,12 +73,31 @@ enum Phase {
     Enqueued,
 }
 
-async fn run(db: &DatabaseConnection, scratch: &Scratch, phase: Phase, jobs: usize, events: Vec<HistoryEvent>) {
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Fresh => "fresh",
+            Phase::Enqueued => "enqueued",
+        }
+    }
+}
+
+async fn run(
+    db: &DatabaseConnection,
+    scratch: &Scratch,
+    phase: Phase,
+    jobs: usize,
+    events: Vec<HistoryEvent>,
+) {
     let count = events.len();
-    let cfg = HistoryConfig {
+    let mut cfg = HistoryConfig {
         capacity: count + 1,
         ..HistoryConfig::default()
     };
+    if let Ok(max_batch) = std::env::var("BENCH_MAX_BATCH") {
+        cfg.max_batch = max_batch.parse().expect("BENCH_MAX_BATCH: a number");
+    }
+    let max_batch = cfg.max_batch;
     let server_before = scratch.server_cpu(db).await;
     let client_before = process_cpu(std::process::id());
     let clock = Instant::now();
@@ -82,15 +109,19 @@ async fn run(db: &DatabaseConnection, scratch: &Scratch, phase: Phase, jobs: usi
     writer.flush().await;
     let wall = clock.elapsed();
     let client = process_cpu(std::process::id()) - client_before;
-    let server = scratch.server_cpu(db).await.map(|after| after - server_before.unwrap_or(0.0));
+    let server = scratch
+        .server_cpu(db)
+        .await
+        .map(|after| after - server_before.unwrap_or(0.0));
     let unwritten = task.shutdown(Duration::from_secs(5)).await;
 
     let per_job_us = |s: f64| s * 1e6 / jobs as f64;
     println!(
-        "history_bench backend={} phase={} jobs={jobs} events={count} wall_s={:.3} events_per_s={:.0} \
+        "history_bench backend={} phase={} max_batch={} jobs={jobs} events={count} wall_s={:.3} events_per_s={:.0} \
          client_cpu_us_per_job={:.2} server_cpu_us_per_job={} dropped={} unwritten={unwritten}",
         scratch.backend(),
-        format!("{phase:?}").to_lowercase(),
+        phase.name(),
+        max_batch,
         wall.as_secs_f64(),
         count as f64 / wall.as_secs_f64(),
         per_job_us(client),
@@ -212,7 +243,10 @@ impl Scratch {
             ))
             .await
             .expect("list the backends");
-        let pids: Vec<i32> = rows.iter().map(|row| row.try_get("", "pid").expect("pid")).collect();
+        let pids: Vec<i32> = rows
+            .iter()
+            .map(|row| row.try_get("", "pid").expect("pid"))
+            .collect();
         Some(pids.into_iter().map(|pid| process_cpu(pid as u32)).sum())
     }
 
@@ -243,7 +277,11 @@ fn process_cpu(pid: u32) -> f64 {
         return 0.0;
     };
     // The command name may contain spaces; the fields after it are space-separated.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
     // After the name: state is field 3, utime field 14, stime field 15 (1-based, name = 2).
     let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     (ticks(14) + ticks(15)) as f64 / TICKS_PER_S
