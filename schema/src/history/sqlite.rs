@@ -166,8 +166,9 @@ impl<'a> Shared<'a> {
 /// false)`, without chrono's formatting machinery. The upserts compare times as text, so every
 /// time must be written exactly this way.
 fn time(t: DateTime<Utc>) -> Arc<str> {
-    let year = t.year();
-    let nanos = t.nanosecond();
+    let utc = t.naive_utc();
+    let year = utc.year();
+    let nanos = utc.nanosecond();
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
         // Years chrono writes with a sign, and leap seconds: left to chrono.
         return t.to_rfc3339_opts(SecondsFormat::AutoSi, false).into();
@@ -175,15 +176,15 @@ fn time(t: DateTime<Utc>) -> Arc<str> {
     let mut text = Ascii::default();
     text.digits(year as u32, 4);
     text.push(b"-");
-    text.digits(t.month(), 2);
+    text.digits(utc.month(), 2);
     text.push(b"-");
-    text.digits(t.day(), 2);
+    text.digits(utc.day(), 2);
     text.push(b"T");
-    text.digits(t.hour(), 2);
+    text.digits(utc.hour(), 2);
     text.push(b":");
-    text.digits(t.minute(), 2);
+    text.digits(utc.minute(), 2);
     text.push(b":");
-    text.digits(t.second(), 2);
+    text.digits(utc.second(), 2);
     // As few digits as keep the value: none, milli-, micro- or nanoseconds.
     if nanos == 0 {
     } else if nanos.is_multiple_of(1_000_000) {
