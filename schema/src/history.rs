@@ -12,22 +12,23 @@
 //!   event for the job means it has already moved on (whatever the clocks of the two hosts say);
 //! - `attempts` only grows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{
-    Expr, ExprTrait, Func, InsertStatement, IntoIden, IntoTableRef, OnConflict, Query, UpdateStatement,
-};
-use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::DbError;
-use crate::entity::{job, job_attempt};
 
+/// The batch as one `INSERT … SELECT FROM unnest(…)` per table, arrays bound whole.
+mod postgres;
+/// The batch as multi-row `INSERT … VALUES` of a few fixed sizes.
+mod sqlite;
 mod writer;
 
 pub use writer::{HistoryConfig, HistoryTask, HistoryWriter};
@@ -222,71 +223,100 @@ pub struct UnknownValue {
     value: String,
 }
 
-/// Rows per statement. SQLite allows 32 766 bound parameters; the widest row here binds 14.
-const ROWS_PER_STATEMENT: usize = 500;
-
-/// Writes a batch of events in one transaction, in any order relative to other batches (see the
-/// module docs for how conflicts resolve). Pass a connection or an open transaction.
+/// Writes a batch of events in one transaction of its own, in any order relative to other
+/// batches (see the module docs for how conflicts resolve).
+///
+/// The statements' text is fixed, so each is parsed and planned once per connection; the events'
+/// values are bound directly, never built into a query tree.
 #[tracing::instrument(skip_all, fields(events = events.len()))]
-pub async fn apply_batch(db: &impl TransactionTrait, events: &[HistoryEvent]) -> Result<(), DbError> {
+pub async fn apply_batch(db: &DatabaseConnection, events: &[HistoryEvent]) -> Result<(), DbError> {
     if events.is_empty() {
         return Ok(());
     }
-    // An attempt that started and finished within the batch needs only its `Finished`: it
-    // carries everything the `Started` would write, and is newer. For short jobs this halves
-    // the rows written.
-    let finished: std::collections::HashSet<(Uuid, i32)> = events
-        .iter()
-        .filter_map(|e| match e {
-            HistoryEvent::Finished { id, attempt, .. } => Some((*id, *attempt)),
-            _ => None,
-        })
-        .collect();
-    let mut enqueued = Vec::new();
-    let mut progress = Vec::with_capacity(events.len());
-    let mut attempts = Vec::with_capacity(events.len());
-    let mut canceled = Vec::new();
-    for event in events {
-        match event {
-            HistoryEvent::Started { id, attempt, .. } if finished.contains(&(*id, *attempt)) => {}
-            HistoryEvent::Enqueued {
-                id,
-                queue,
-                kind,
-                payload,
-                max_attempts,
-                priority,
-                idempotency_key,
-                trace_id,
-                run_at,
-                at,
-            } => enqueued.push(
-                Enqueue {
-                    id: *id,
+    let batch = Batch::plan(events);
+    let written = match db.get_database_backend() {
+        DbBackend::Postgres => postgres::write(db.get_postgres_connection_pool(), &batch).await,
+        DbBackend::Sqlite => sqlite::write(db.get_sqlite_connection_pool(), &batch).await,
+        backend => {
+            return Err(DbErr::BackendNotSupported {
+                db: backend.as_str(),
+                ctx: "job history",
+            }
+            .into());
+        }
+    };
+    written.map_err(|error| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(error))).into())
+}
+
+/// The rows a batch writes, per table, in the order they are written. Each table's rows are split
+/// into rounds in which a key appears at most once (Postgres refuses an ON CONFLICT DO UPDATE
+/// that touches a row twice): a key's next event goes to the next round, keeping the batch order.
+struct Batch<'a> {
+    enqueues: Vec<Vec<Enqueue<'a>>>,
+    progress: Vec<Vec<Progress<'a>>>,
+    /// After the inserts, so that a job enqueued and canceled within one batch ends canceled.
+    cancels: Vec<Cancel>,
+    /// Last: `job_attempt` has a foreign key to `job`.
+    attempts: Vec<Vec<Attempt<'a>>>,
+}
+
+impl<'a> Batch<'a> {
+    fn plan(events: &'a [HistoryEvent]) -> Batch<'a> {
+        // An attempt that started and finished within the batch needs only its `Finished`: it
+        // carries everything the `Started` would write, and is newer. For short jobs this halves
+        // the rows written.
+        let finished: HashSet<(Uuid, i32)> = events
+            .iter()
+            .filter_map(|e| match e {
+                HistoryEvent::Finished { id, attempt, .. } => Some((*id, *attempt)),
+                _ => None,
+            })
+            .collect();
+        let mut enqueues = Vec::new();
+        let mut progress = Vec::with_capacity(events.len());
+        let mut attempts = Vec::with_capacity(events.len());
+        let mut cancels = Vec::new();
+        for event in events {
+            match event {
+                HistoryEvent::Started { id, attempt, .. } if finished.contains(&(*id, *attempt)) => {}
+                HistoryEvent::Enqueued {
+                    id,
                     queue,
                     kind,
                     payload,
-                    max_attempts: *max_attempts,
-                    priority: *priority,
+                    max_attempts,
+                    priority,
                     idempotency_key,
                     trace_id,
+                    run_at,
+                    at,
+                } => enqueues.push(Enqueue {
+                    id: *id,
+                    queue,
+                    kind,
+                    status: match run_at {
+                        Some(run_at) if run_at > at => JobState::Scheduled,
+                        _ => JobState::Pending,
+                    },
+                    max_attempts: *max_attempts,
+                    payload,
+                    priority: *priority,
+                    idempotency_key: idempotency_key.as_deref(),
+                    trace_id: trace_id.as_deref(),
                     run_at: *run_at,
                     at: *at,
-                }
-                .into_row(),
-            ),
-            HistoryEvent::Started {
-                id,
-                queue,
-                kind,
-                attempt,
-                max_attempts,
-                worker_id,
-                trace_id,
-                at,
-            } => {
-                progress.push(
-                    Progress {
+                }),
+                HistoryEvent::Started {
+                    id,
+                    queue,
+                    kind,
+                    attempt,
+                    max_attempts,
+                    worker_id,
+                    trace_id,
+                    at,
+                } => {
+                    progress.push(Progress {
                         id: *id,
                         queue,
                         kind,
@@ -294,17 +324,14 @@ pub async fn apply_batch(db: &impl TransactionTrait, events: &[HistoryEvent]) ->
                         attempt: *attempt,
                         max_attempts: *max_attempts,
                         worker_id,
-                        trace_id,
+                        trace_id: trace_id.as_deref(),
                         last_error: None,
                         run_at: None,
                         started_at: *at,
                         finished_at: None,
                         event_at: *at,
-                    }
-                    .into_row(),
-                );
-                attempts.push(
-                    Attempt {
+                    });
+                    attempts.push(Attempt {
                         job_id: *id,
                         attempt: *attempt,
                         worker_id,
@@ -312,28 +339,25 @@ pub async fn apply_batch(db: &impl TransactionTrait, events: &[HistoryEvent]) ->
                         finished_at: None,
                         outcome: None,
                         error: None,
-                        trace_id,
-                    }
-                    .into_row(),
-                );
-            }
-            HistoryEvent::Finished {
-                id,
-                queue,
-                kind,
-                attempt,
-                max_attempts,
-                worker_id,
-                trace_id,
-                started_at,
-                at,
-                outcome,
-                error,
-                status,
-                next_run_at,
-            } => {
-                progress.push(
-                    Progress {
+                        trace_id: trace_id.as_deref(),
+                    });
+                }
+                HistoryEvent::Finished {
+                    id,
+                    queue,
+                    kind,
+                    attempt,
+                    max_attempts,
+                    worker_id,
+                    trace_id,
+                    started_at,
+                    at,
+                    outcome,
+                    error,
+                    status,
+                    next_run_at,
+                } => {
+                    progress.push(Progress {
                         id: *id,
                         queue,
                         kind,
@@ -341,135 +365,78 @@ pub async fn apply_batch(db: &impl TransactionTrait, events: &[HistoryEvent]) ->
                         attempt: *attempt,
                         max_attempts: *max_attempts,
                         worker_id,
-                        trace_id,
-                        last_error: error.as_ref(),
+                        trace_id: trace_id.as_deref(),
+                        last_error: error.as_deref(),
                         run_at: *next_run_at,
                         started_at: *started_at,
                         finished_at: status.is_final().then_some(*at),
                         event_at: *at,
-                    }
-                    .into_row(),
-                );
-                attempts.push(
-                    Attempt {
+                    });
+                    attempts.push(Attempt {
                         job_id: *id,
                         attempt: *attempt,
                         worker_id,
                         started_at: *started_at,
                         finished_at: Some(*at),
                         outcome: Some(*outcome),
-                        error: error.as_ref(),
-                        trace_id,
-                    }
-                    .into_row(),
-                );
+                        error: error.as_deref(),
+                        trace_id: trace_id.as_deref(),
+                    });
+                }
+                HistoryEvent::Canceled { id, at } => cancels.push(Cancel { id: *id, at: *at }),
             }
-            HistoryEvent::Canceled { id, at } => canceled.push(cancel(*id, *at)),
+        }
+        Batch {
+            enqueues: rounds(enqueues, |row| row.id),
+            progress: rounds(progress, |row| row.id),
+            cancels,
+            attempts: rounds(attempts, |row| (row.job_id, row.attempt)),
         }
     }
-
-    let txn = db.begin().await?;
-    for stmt in upserts(job::Entity, &Enqueue::COLUMNS, enqueued, &enqueued_conflict()) {
-        txn.execute(&stmt).await?;
-    }
-    for stmt in upserts(job::Entity, &Progress::COLUMNS, progress, &progress_conflict()) {
-        txn.execute(&stmt).await?;
-    }
-    // After the inserts, so that a job enqueued and canceled within one batch ends canceled.
-    for stmt in &canceled {
-        txn.execute(stmt).await?;
-    }
-    // Last: `job_attempt` has a foreign key to `job`.
-    for stmt in upserts(
-        job_attempt::Entity,
-        &Attempt::COLUMNS,
-        attempts,
-        &attempt_conflict(),
-    ) {
-        txn.execute(&stmt).await?;
-    }
-    txn.commit().await?;
-    Ok(())
 }
 
-/// One row of a multi-row INSERT, keyed by what its ON CONFLICT matches on.
-type Row<K> = (K, Vec<Expr>);
-
-/// What the API's `Enqueued` says about the job row.
+/// What the API's `Enqueued` says about the job row. Its time is both the job's creation time
+/// and the row's `event_at`.
 struct Enqueue<'a> {
     id: Uuid,
     queue: &'a str,
     kind: &'a str,
-    payload: &'a serde_json::Value,
+    /// Scheduled if it runs later, else pending.
+    status: JobState,
     max_attempts: i32,
+    payload: &'a serde_json::Value,
     priority: i32,
-    idempotency_key: &'a Option<String>,
-    trace_id: &'a Option<String>,
+    idempotency_key: Option<&'a str>,
+    trace_id: Option<&'a str>,
     run_at: Option<DateTime<Utc>>,
     at: DateTime<Utc>,
 }
 
 impl Enqueue<'_> {
-    const COLUMNS: [job::Column; 12] = [
-        job::Column::Id,
-        job::Column::Queue,
-        job::Column::Kind,
-        job::Column::Status,
-        job::Column::MaxAttempts,
-        job::Column::Payload,
-        job::Column::Priority,
-        job::Column::IdempotencyKey,
-        job::Column::TraceId,
-        job::Column::CreatedAt,
-        job::Column::RunAt,
-        job::Column::EventAt,
-    ];
+    /// The `job` columns an enqueue inserts, in the order both backends bind them.
+    const COLUMNS: &'static str = "id, queue, kind, status, max_attempts, payload, priority, \
+        idempotency_key, trace_id, created_at, run_at, event_at";
 
-    fn into_row(self) -> Row<Uuid> {
-        let status = match self.run_at {
-            Some(run_at) if run_at > self.at => JobState::Scheduled,
-            _ => JobState::Pending,
-        };
-        let values = vec![
-            self.id.into(),
-            self.queue.into(),
-            self.kind.into(),
-            status.as_str().into(),
-            self.max_attempts.into(),
-            self.payload.clone().into(),
-            self.priority.into(),
-            self.idempotency_key.clone().into(),
-            self.trace_id.clone().into(),
-            self.at.into(),
-            self.run_at.into(),
-            self.at.into(),
-        ];
-        (self.id, values)
+    /// The enqueue is the only source of payload, priority and idempotency key, and the earliest
+    /// event of a job. It leaves the status alone: if the row exists, a worker already moved it on.
+    /// A row a worker created carries the attempt's start as its creation time, hence the least.
+    fn on_conflict(sql: Dialect) -> String {
+        let least = sql.least;
+        format!(
+            "ON CONFLICT (id) DO UPDATE SET \
+             payload = COALESCE(job.payload, excluded.payload), \
+             priority = excluded.priority, \
+             idempotency_key = COALESCE(job.idempotency_key, excluded.idempotency_key), \
+             max_attempts = excluded.max_attempts, \
+             trace_id = COALESCE(excluded.trace_id, job.trace_id), \
+             run_at = COALESCE(job.run_at, excluded.run_at), \
+             created_at = {least}(job.created_at, excluded.created_at)"
+        )
     }
 }
 
-/// The enqueue is the only source of payload, priority and idempotency key, and the earliest
-/// event of a job. It leaves the status alone: if the row exists, a worker already moved it on.
-fn enqueued_conflict() -> OnConflict {
-    use job::Column::*;
-    OnConflict::column(Id)
-        .values([
-            (Payload, coalesce(current(Payload), excluded(Payload))),
-            (Priority, excluded(Priority)),
-            (
-                IdempotencyKey,
-                coalesce(current(IdempotencyKey), excluded(IdempotencyKey)),
-            ),
-            (MaxAttempts, excluded(MaxAttempts)),
-            (TraceId, coalesce(excluded(TraceId), current(TraceId))),
-            (RunAt, coalesce(current(RunAt), excluded(RunAt))),
-            // A row a worker created carries the attempt's start as its creation time.
-            (CreatedAt, least(current(CreatedAt), excluded(CreatedAt))),
-        ])
-        .to_owned()
-}
-
-/// What a worker's `Started` or `Finished` says about the job row.
+/// What a worker's `Started` or `Finished` says about the job row. Until the enqueue arrives,
+/// the job is known from its first attempt: `started_at` is also written as its creation time.
 struct Progress<'a> {
     id: Uuid,
     queue: &'a str,
@@ -478,8 +445,8 @@ struct Progress<'a> {
     attempt: i32,
     max_attempts: i32,
     worker_id: &'a str,
-    trace_id: &'a Option<String>,
-    last_error: Option<&'a String>,
+    trace_id: Option<&'a str>,
+    last_error: Option<&'a str>,
     run_at: Option<DateTime<Utc>>,
     started_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
@@ -487,94 +454,58 @@ struct Progress<'a> {
 }
 
 impl Progress<'_> {
-    const COLUMNS: [job::Column; 14] = [
-        job::Column::Id,
-        job::Column::Queue,
-        job::Column::Kind,
-        job::Column::Status,
-        job::Column::Attempts,
-        job::Column::MaxAttempts,
-        job::Column::WorkerId,
-        job::Column::TraceId,
-        job::Column::LastError,
-        job::Column::CreatedAt,
-        job::Column::RunAt,
-        job::Column::StartedAt,
-        job::Column::FinishedAt,
-        job::Column::EventAt,
-    ];
+    /// The `job` columns a worker event inserts, in the order both backends bind them.
+    const COLUMNS: &'static str = "id, queue, kind, status, attempts, max_attempts, worker_id, \
+        trace_id, last_error, created_at, run_at, started_at, finished_at, event_at";
 
-    fn into_row(self) -> Row<Uuid> {
-        let values = vec![
-            self.id.into(),
-            self.queue.into(),
-            self.kind.into(),
-            self.status.as_str().into(),
-            self.attempt.into(),
-            self.max_attempts.into(),
-            self.worker_id.into(),
-            self.trace_id.clone().into(),
-            self.last_error.cloned().into(),
-            // Until the enqueue arrives, the job is known from its first attempt.
-            self.started_at.into(),
-            self.run_at.into(),
-            self.started_at.into(),
-            self.finished_at.into(),
-            self.event_at.into(),
-        ];
-        (self.id, values)
+    /// The job's state follows the latest event; `attempts` only grows. A starting retry keeps
+    /// showing why the previous attempt failed. Every expression reads the row as it was before
+    /// the statement, so their order is free.
+    fn on_conflict(sql: Dialect) -> String {
+        let greatest = sql.greatest;
+        let is_newer = "excluded.event_at >= job.event_at";
+        let latest =
+            |col: &str| format!("{col} = CASE WHEN {is_newer} THEN excluded.{col} ELSE job.{col} END");
+        format!(
+            "ON CONFLICT (id) DO UPDATE SET \
+             {status}, {worker_id}, {started_at}, {finished_at}, \
+             last_error = CASE WHEN {is_newer} AND excluded.status <> '{running}' \
+                 THEN excluded.last_error ELSE job.last_error END, \
+             run_at = CASE WHEN {is_newer} THEN COALESCE(excluded.run_at, job.run_at) ELSE job.run_at END, \
+             attempts = {greatest}(job.attempts, excluded.attempts), \
+             trace_id = COALESCE(job.trace_id, excluded.trace_id), \
+             event_at = {greatest}(job.event_at, excluded.event_at)",
+            status = latest("status"),
+            worker_id = latest("worker_id"),
+            started_at = latest("started_at"),
+            finished_at = latest("finished_at"),
+            running = JobState::Running.as_str(),
+        )
     }
 }
 
-/// The job's state follows the latest event; `attempts` only grows.
-fn progress_conflict() -> OnConflict {
-    use job::Column::*;
-    let latest =
-        |col: job::Column| -> Expr { Expr::case(is_newer(), excluded(col)).finally(current(col)).into() };
-    // A starting retry keeps showing why the previous attempt failed.
-    let last_error = Expr::case(
-        is_newer().and(excluded(Status).ne(JobState::Running.as_str())),
-        excluded(LastError),
-    )
-    .finally(current(LastError));
-    let run_at = Expr::case(is_newer(), coalesce(excluded(RunAt), current(RunAt))).finally(current(RunAt));
-    // Every expression reads the row as it was before the statement, so their order is free.
-    OnConflict::column(Id)
-        .values([
-            (Status, latest(Status)),
-            (WorkerId, latest(WorkerId)),
-            (StartedAt, latest(StartedAt)),
-            (FinishedAt, latest(FinishedAt)),
-            (LastError, last_error.into()),
-            (RunAt, run_at.into()),
-            (Attempts, greatest(current(Attempts), excluded(Attempts))),
-            (TraceId, coalesce(current(TraceId), excluded(TraceId))),
-            (EventAt, greatest(current(EventAt), excluded(EventAt))),
-        ])
-        .to_owned()
+/// A cancellation applies to a recorded job that has not finished and has seen nothing later.
+struct Cancel {
+    id: Uuid,
+    at: DateTime<Utc>,
 }
 
-/// A cancellation applies to a recorded job that has not finished and has seen nothing later.
-fn cancel(id: Uuid, at: DateTime<Utc>) -> UpdateStatement {
-    use job::Column::*;
-    Query::update()
-        .table(job::Entity)
-        .values([
-            (Status, JobState::Canceled.as_str().into()),
-            (FinishedAt, at.into()),
-            (EventAt, at.into()),
-        ])
-        .and_where(Expr::col(Id).eq(id))
-        .and_where(Expr::col(EventAt).lte(at))
-        .and_where(
-            Expr::col(Status).is_not_in(
-                JobState::ALL
-                    .into_iter()
-                    .filter(|s| s.is_final())
-                    .map(JobState::as_str),
-            ),
+impl Cancel {
+    /// The statement, given the placeholders (in the backend's syntax) of the job id and the
+    /// cancel's time.
+    fn update(id: &str, at: &str) -> String {
+        let finals: Vec<String> = JobState::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(|s| format!("'{s}'"))
+            .collect();
+        format!(
+            "UPDATE job SET status = '{canceled}', finished_at = {at}, event_at = {at} \
+             WHERE id = {id} AND event_at <= {at} AND status NOT IN ({finals})",
+            canceled = JobState::Canceled.as_str(),
+            finals = finals.join(", "),
         )
-        .to_owned()
+    }
 }
 
 /// One attempt as a `Started` or `Finished` event describes it.
@@ -585,122 +516,49 @@ struct Attempt<'a> {
     started_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
     outcome: Option<AttemptOutcome>,
-    error: Option<&'a String>,
-    trace_id: &'a Option<String>,
+    error: Option<&'a str>,
+    trace_id: Option<&'a str>,
 }
 
 impl Attempt<'_> {
-    const COLUMNS: [job_attempt::Column; 8] = [
-        job_attempt::Column::JobId,
-        job_attempt::Column::Attempt,
-        job_attempt::Column::WorkerId,
-        job_attempt::Column::StartedAt,
-        job_attempt::Column::FinishedAt,
-        job_attempt::Column::Outcome,
-        job_attempt::Column::Error,
-        job_attempt::Column::TraceId,
-    ];
+    /// The `job_attempt` columns, in the order both backends bind them.
+    const COLUMNS: &'static str =
+        "job_id, attempt, worker_id, started_at, finished_at, outcome, error, trace_id";
 
-    fn into_row(self) -> Row<(Uuid, i32)> {
-        let values = vec![
-            self.job_id.into(),
-            self.attempt.into(),
-            self.worker_id.into(),
-            self.started_at.into(),
-            self.finished_at.into(),
-            self.outcome.map(AttemptOutcome::as_str).into(),
-            self.error.cloned().into(),
-            self.trace_id.clone().into(),
-        ];
-        ((self.job_id, self.attempt), values)
+    /// A `Finished` completes the attempt whether or not its `Started` was written first.
+    fn on_conflict() -> &'static str {
+        "ON CONFLICT (job_id, attempt) DO UPDATE SET \
+         worker_id = COALESCE(excluded.worker_id, job_attempt.worker_id), \
+         finished_at = COALESCE(excluded.finished_at, job_attempt.finished_at), \
+         outcome = COALESCE(excluded.outcome, job_attempt.outcome), \
+         error = CASE WHEN excluded.outcome IS NULL THEN job_attempt.error ELSE excluded.error END, \
+         trace_id = COALESCE(job_attempt.trace_id, excluded.trace_id)"
     }
 }
 
-/// A `Finished` completes the attempt whether or not its `Started` was written first.
-fn attempt_conflict() -> OnConflict {
-    use job_attempt::Column::*;
-    let attempt = |col: job_attempt::Column| Expr::col((job_attempt::Entity, col));
-    let error = Expr::case(excluded(Outcome).is_null(), attempt(Error)).finally(excluded(Error));
-    OnConflict::columns([JobId, Attempt])
-        .values([
-            (WorkerId, coalesce(excluded(WorkerId), attempt(WorkerId))),
-            (FinishedAt, coalesce(excluded(FinishedAt), attempt(FinishedAt))),
-            (Outcome, coalesce(excluded(Outcome), attempt(Outcome))),
-            (Error, error.into()),
-            (TraceId, coalesce(attempt(TraceId), excluded(TraceId))),
-        ])
-        .to_owned()
-}
-
-/// Whether the incoming row's event is at least as recent as the one the stored row reflects.
-fn is_newer() -> Expr {
-    excluded(job::Column::EventAt).gte(current(job::Column::EventAt))
-}
-
-/// The stored `job` row's value, as it was before this statement.
-fn current(col: job::Column) -> Expr {
-    Expr::col((job::Entity, col))
-}
-
-/// The value the INSERT proposed for the conflicting row.
-fn excluded(col: impl IntoIden) -> Expr {
-    Expr::col(("excluded", col))
-}
-
-fn coalesce(first: Expr, then: Expr) -> Expr {
-    Func::coalesce([first, then]).into()
-}
-
-/// `GREATEST` on Postgres, `MAX` on SQLite.
-fn greatest(a: Expr, b: Expr) -> Expr {
-    Func::greatest([a, b]).into()
-}
-
-/// `LEAST` on Postgres, `MIN` on SQLite.
-fn least(a: Expr, b: Expr) -> Expr {
-    Func::least([a, b]).into()
-}
-
-/// Multi-row upserts of `rows`, at most [`ROWS_PER_STATEMENT`] each. A key never appears twice
-/// in one statement (Postgres refuses an ON CONFLICT DO UPDATE that touches a row twice): its
-/// next event goes to a later statement, keeping the batch order.
-fn upserts<K: Hash + Eq, C: IntoIden + Copy>(
-    table: impl IntoTableRef + Copy,
-    columns: &[C],
-    rows: Vec<Row<K>>,
-    on_conflict: &OnConflict,
-) -> Vec<InsertStatement> {
-    rounds(rows)
-        .into_iter()
-        .flat_map(|round| {
-            let mut round = round.into_iter().peekable();
-            std::iter::from_fn(move || {
-                round.peek()?;
-                let mut statement = Query::insert();
-                statement
-                    .into_table(table)
-                    .columns(columns.iter().copied())
-                    .on_conflict(on_conflict.clone());
-                for values in round.by_ref().take(ROWS_PER_STATEMENT) {
-                    statement.values_panic(values);
-                }
-                Some(statement)
-            })
-        })
-        .collect()
+/// What differs between the backends in the statements' rules.
+#[derive(Clone, Copy)]
+struct Dialect {
+    /// Two-argument maximum: `GREATEST` on Postgres, the scalar `MAX` on SQLite.
+    greatest: &'static str,
+    /// Two-argument minimum: `LEAST` on Postgres, the scalar `MIN` on SQLite.
+    least: &'static str,
 }
 
 /// Splits rows into rounds in which each key appears at most once, keeping each key's rows in
 /// their original order.
-fn rounds<K: Hash + Eq>(rows: Vec<Row<K>>) -> Vec<Vec<Vec<Expr>>> {
-    let mut seen: HashMap<K, usize> = HashMap::new();
-    let mut rounds: Vec<Vec<Vec<Expr>>> = Vec::new();
-    for (key, values) in rows {
-        let round = seen.entry(key).or_insert(0);
+fn rounds<T, K: Hash + Eq>(rows: Vec<T>, key: impl Fn(&T) -> K) -> Vec<Vec<T>> {
+    let len = rows.len();
+    let mut seen: HashMap<K, usize> = HashMap::with_capacity(len);
+    let mut rounds: Vec<Vec<T>> = Vec::new();
+    for row in rows {
+        let round = seen.entry(key(&row)).or_insert(0);
         if rounds.len() <= *round {
-            rounds.push(Vec::new());
+            // Most batches have one round holding every row.
+            let capacity = if rounds.is_empty() { len } else { 0 };
+            rounds.push(Vec::with_capacity(capacity));
         }
-        rounds[*round].push(values);
+        rounds[*round].push(row);
         *round += 1;
     }
     rounds

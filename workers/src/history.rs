@@ -13,8 +13,8 @@ fn ts(ms: i64) -> DateTime<Utc> {
 pub fn started(writer: &HistoryWriter, job: &Job, worker: &str, at_ms: i64) {
     writer.record(HistoryEvent::Started {
         id: job.id.0,
-        queue: job.queue.to_string(),
-        kind: job.kind.to_string(),
+        queue: job.queue.as_str().to_owned(),
+        kind: job.kind.as_ref().to_owned(),
         attempt: job.attempt as i32,
         max_attempts: job.max_attempts as i32,
         worker_id: worker.to_owned(),
@@ -38,8 +38,8 @@ pub fn finished(
     };
     writer.record(HistoryEvent::Finished {
         id: job.id.0,
-        queue: job.queue.to_string(),
-        kind: job.kind.to_string(),
+        queue: job.queue.as_str().to_owned(),
+        kind: job.kind.as_ref().to_owned(),
         attempt: job.attempt as i32,
         max_attempts: job.max_attempts as i32,
         worker_id: worker.to_owned(),

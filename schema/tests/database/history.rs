@@ -1,5 +1,5 @@
 use chrono::Duration;
-use schema::entity::job;
+use schema::entity::{job, job_attempt};
 use schema::history::{AttemptOutcome, HistoryEvent, apply_batch};
 use schema::queries::get_job;
 use uuid::Uuid;
@@ -204,6 +204,161 @@ async fn a_batch_bigger_than_one_statement_is_written_whole() {
             .collect();
         apply_batch(&db, &events).await.expect("apply");
         assert_eq!(crate::support::job_count(&db).await, 1_234);
+    })
+    .await;
+}
+
+/// Job `i`'s events, in the order they are written, for a sequence that covers every kind of
+/// event: attempts that succeed, fail, time out and die, jobs still running, cancels of waiting
+/// and of finished jobs, worker events before the enqueue, and a retry's events before the first
+/// attempt's.
+fn every_kind_of_event(i: usize, id: Uuid) -> Vec<HistoryEvent> {
+    let base = i as i64 * 10;
+    let at = |ms: i64| t(base + ms);
+    let mut enqueue = enqueued(id, at(0));
+    if let HistoryEvent::Enqueued {
+        idempotency_key,
+        run_at,
+        ..
+    } = &mut enqueue
+    {
+        // Not the id, so that two copies of a sequence can be compared.
+        *idempotency_key = Some(format!("key-{i}"));
+        if i % 12 == 2 {
+            *run_at = Some(at(60_000));
+        }
+    }
+    let cancel = |ms| HistoryEvent::Canceled { id, at: at(ms) };
+    match i % 6 {
+        0 => vec![
+            enqueue,
+            started(id, 1, at(100)),
+            finished(id, 1, at(100), at(150), AttemptOutcome::Succeeded),
+        ],
+        1 => vec![
+            finished(id, 1, at(100), at(150), AttemptOutcome::Failed),
+            started(id, 2, at(1_200)),
+            enqueue,
+            started(id, 1, at(100)),
+            finished(id, 2, at(1_200), at(1_300), AttemptOutcome::Succeeded),
+        ],
+        // Scheduled for later, or canceled while waiting.
+        2 if i % 12 == 2 => vec![enqueue],
+        2 => vec![enqueue, cancel(50)],
+        // Retrying, or running its retry.
+        3 => {
+            let mut events = vec![
+                enqueue,
+                started(id, 1, at(100)),
+                finished(id, 1, at(100), at(180), AttemptOutcome::TimedOut),
+            ];
+            if i % 12 == 3 {
+                events.push(started(id, 2, at(1_200)));
+            }
+            events
+        }
+        4 => (1..=3)
+            .flat_map(|attempt| {
+                let start = at(i64::from(attempt) * 1_000);
+                [
+                    started(id, attempt, start),
+                    finished(
+                        id,
+                        attempt,
+                        start,
+                        start + Duration::milliseconds(5),
+                        AttemptOutcome::Panicked,
+                    ),
+                ]
+            })
+            .collect(),
+        _ => vec![
+            enqueue,
+            started(id, 1, at(100)),
+            finished(id, 1, at(100), at(150), AttemptOutcome::Succeeded),
+            cancel(200),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_every_kind_of_event_ends_as_if_each_event_were_written_alone() {
+    with_migrated_databases(|db| async move {
+        // Enough jobs that SQLite writes each table in statements of several sizes.
+        let jobs = 96;
+        let together: Vec<Uuid> = (0..jobs).map(|_| Uuid::now_v7()).collect();
+        let alone: Vec<Uuid> = (0..jobs).map(|_| Uuid::now_v7()).collect();
+        // The jobs' sequences interleaved, as a worker and the API would record them.
+        let interleaved = |ids: &[Uuid]| -> Vec<HistoryEvent> {
+            let mut sequences: Vec<_> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| every_kind_of_event(i, *id).into_iter())
+                .collect();
+            let mut events = Vec::new();
+            loop {
+                let before = events.len();
+                events.extend(sequences.iter_mut().filter_map(Iterator::next));
+                if events.len() == before {
+                    return events;
+                }
+            }
+        };
+
+        apply_batch(&db, &interleaved(&together)).await.expect("apply");
+        for event in interleaved(&alone) {
+            apply_batch(&db, std::slice::from_ref(&event))
+                .await
+                .expect("apply");
+        }
+
+        let mut statuses = std::collections::BTreeSet::new();
+        for (i, (a, b)) in together.iter().zip(&alone).enumerate() {
+            let mut batched = get_job(&db, *a).await.expect("query").expect("job exists");
+            let one_by_one = get_job(&db, *b).await.expect("query").expect("job exists");
+            batched.job.id = *b;
+            for attempt in &mut batched.attempts {
+                attempt.job_id = *b;
+            }
+            assert_eq!(batched, one_by_one, "job {i}");
+            statuses.insert(one_by_one.job.status);
+        }
+        // The values themselves, for a job whose first attempt failed (job 1 starts at t(10)).
+        let retried = get_job(&db, alone[1]).await.expect("query").expect("job exists");
+        let attempt =
+            |attempt: i32, start: i64, end: i64, outcome: &str, error: Option<&str>| job_attempt::Model {
+                job_id: alone[1],
+                attempt,
+                worker_id: Some(format!("worker-{attempt}")),
+                started_at: t(10 + start),
+                finished_at: Some(t(10 + end)),
+                outcome: Some(outcome.to_owned()),
+                error: error.map(str::to_owned),
+                trace_id: Some("trace-enqueue".to_owned()),
+            };
+        assert_eq!(
+            retried.attempts,
+            [
+                attempt(1, 100, 150, "failed", Some("boom 1")),
+                attempt(2, 1_200, 1_300, "succeeded", None),
+            ]
+        );
+        assert_eq!(retried.job.status, "succeeded");
+        assert_eq!(retried.job.attempts, 2);
+        assert_eq!(retried.job.created_at, t(10));
+
+        assert_eq!(
+            statuses.into_iter().collect::<Vec<_>>(),
+            [
+                "canceled",
+                "dead",
+                "retrying",
+                "running",
+                "scheduled",
+                "succeeded"
+            ]
+            .map(String::from),
+        );
     })
     .await;
 }
