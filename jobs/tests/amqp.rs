@@ -384,6 +384,71 @@ async fn released_jobs_are_delivered_again_without_counting_an_attempt() {
     assert!(d.fetch(3, Duration::from_millis(300)).await.unwrap().is_empty());
 }
 
+/// Acks go out as one `multiple` ack below the oldest open delivery and singly above it. A
+/// wrong `multiple` (covering a job still running, or a tag already acknowledged) would either
+/// lose a job or make RabbitMQ close the channel, which sends every unacknowledged job back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_settled_out_of_delivery_order_are_each_acknowledged_once() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    e.broker
+        .push_batch((0..20).map(|_| job(&e.queue, 3)).collect())
+        .await
+        .unwrap();
+    let mut got = fetch_n(&d, 20, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 20);
+    got.sort_by_key(|j| j.receipt);
+    let ok = |range: std::ops::Range<usize>| -> Vec<Settlement> {
+        got[range]
+            .iter()
+            .map(|j| settle(j.clone(), Outcome::Succeeded, &c))
+            .collect()
+    };
+
+    // Job 0 runs long: everything settled meanwhile is acknowledged around it.
+    d.settle(&ok(6..10)).await.unwrap();
+    d.settle(&ok(1..4)).await.unwrap();
+    d.release(&[got[4].clone()]).await.unwrap();
+    d.settle(&ok(10..15)).await.unwrap();
+    let retry = Outcome::Retry {
+        at_ms: now_ms() + 60_000,
+        error: "boom".into(),
+        how: AttemptOutcome::Failed,
+    };
+    d.settle(&[settle(got[15].clone(), retry, &c)]).await.unwrap();
+    // Settled twice (a flush tried again): the second time is a no-op, not a second ack.
+    d.settle(&ok(4..7)).await.unwrap();
+    let again = fetch_n(&d, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        again.iter().map(|j| (j.id, j.attempt)).collect::<Vec<_>>(),
+        [(got[4].id, 1)],
+        "only the released job comes back"
+    );
+    d.settle(&ok(16..20)).await.unwrap();
+    d.settle(&ok(0..1)).await.unwrap();
+    d.settle(&[settle(again[0].clone(), Outcome::Succeeded, &c)])
+        .await
+        .unwrap();
+
+    assert!(
+        d.fetch(20, Duration::from_millis(500)).await.unwrap().is_empty(),
+        "nothing delivered twice: the channel stayed open and every ack counted"
+    );
+    let s = wait_for_stats(&e, "queue drained", |s| s.pending == 0).await;
+    assert_eq!(s.scheduled, 1, "the retry waits: {s:?}");
+    // A fresh consumer finds nothing either: no job is left unacknowledged.
+    drop(d);
+    let fresh = e.broker.driver(&e.queue, &c).await.unwrap();
+    assert!(
+        fresh
+            .fetch(20, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_delayed_by_a_second_is_scheduled_and_not_delivered_early() {
     let e = env().await;
