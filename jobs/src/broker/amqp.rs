@@ -34,20 +34,25 @@
 //! `x-queue-type` option on [`declare_queues`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::{FutureExt, StreamExt, future::join_all};
+use futures::{
+    FutureExt, StreamExt,
+    future::{BoxFuture, join_all},
+};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    message::Delivery,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
         ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
@@ -826,7 +831,6 @@ impl Producer for AmqpBroker {
             qos: cfg.prefetch.max(1).saturating_mul(2).min(usize::from(u16::MAX)) as u16,
             session: Mutex::new(None),
             intake: tokio::sync::Mutex::default(),
-            unsettled: Mutex::default(),
             generations: AtomicU64::new(0),
         }))
     }
@@ -866,19 +870,137 @@ struct AmqpDriver {
     consumer_tag: String,
     qos: u16,
     /// The current consumer channel; `None` until the first fetch and after it failed.
-    session: Mutex<Option<Session>>,
+    session: Mutex<Option<Arc<Session>>>,
     intake: tokio::sync::Mutex<Intake>,
-    /// Receipts handed to the worker and not yet acknowledged, and whether the job's retry or
-    /// dead copy is already published (so that a settle tried again does not publish it twice).
-    unsettled: Mutex<HashMap<u64, bool>>,
     generations: AtomicU64,
 }
 
-#[derive(Clone)]
+/// One consumer channel and the deliveries it has not yet acknowledged or rejected. Receipts
+/// carry the session's generation: those of a closed channel match no session and are void.
 struct Session {
     channel: Channel,
     generation: u64,
+    ledger: Mutex<Ledger>,
     _conn: Arc<Connection>,
+}
+
+/// Where an open delivery (neither acknowledged nor rejected yet) stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lease {
+    /// Still with the driver: held until due, or being diverted or dropped.
+    Intake,
+    /// Handed to the worker.
+    Worker,
+    /// Handed to the worker, and its retry or dead copy is published, so that a settle tried
+    /// again acknowledges it without publishing a second copy.
+    Republished,
+}
+
+/// The open deliveries of one channel, by delivery tag.
+///
+/// RabbitMQ numbers a channel's deliveries 1, 2, 3, … and `basic.ack` with `multiple` settles
+/// every unacknowledged delivery up to a tag at once. The ledger knows which tags are still
+/// open, so a batch of acks becomes one `multiple` ack for the tags below the lowest open one
+/// (a job still running, a job held until due) and single acks above it. Every ack and reject
+/// goes through [`Ledger::plan`] and its frames are queued on the channel before the ledger is
+/// unlocked, so a `multiple` ack never reaches RabbitMQ before a single ack it would overtake:
+/// RabbitMQ closes the channel on an ack of a tag it no longer holds.
+#[derive(Debug, Default)]
+struct Ledger {
+    open: BTreeMap<u64, Lease>,
+}
+
+/// The frames that close out a set of deliveries.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    /// One ack with `multiple` up to this tag.
+    up_to: Option<u64>,
+    /// Single acks.
+    acks: Vec<u64>,
+    /// Single rejects with requeue.
+    requeue: Vec<u64>,
+}
+
+impl Ledger {
+    /// Closes `acks` and `requeue` in the ledger (tags not open are skipped: already settled)
+    /// and says which frames to send.
+    fn plan(&mut self, acks: &[u64], requeue: &[u64]) -> Plan {
+        let mut plan = Plan::default();
+        for &tag in requeue {
+            if self.open.remove(&tag).is_some() {
+                plan.requeue.push(tag);
+            }
+        }
+        let closed: Vec<u64> = acks
+            .iter()
+            .copied()
+            .filter(|tag| self.open.remove(tag).is_some())
+            .collect();
+        let lowest_open = self.open.keys().next().copied().unwrap_or(u64::MAX);
+        for tag in closed {
+            if tag < lowest_open {
+                // Every other unacknowledged delivery up to `tag` is in this batch too, or
+                // acknowledged earlier (and that ack is already queued ahead of this one).
+                plan.up_to = plan.up_to.max(Some(tag));
+            } else {
+                plan.acks.push(tag);
+            }
+        }
+        plan
+    }
+}
+
+impl Session {
+    /// The delivery tag of `receipt` if it belongs to this channel.
+    fn tag(&self, receipt: u64) -> Option<u64> {
+        (receipt >> TAG_BITS == self.generation).then(|| delivery_tag(receipt))
+    }
+
+    /// Acknowledges `acks` and requeues `requeue` (delivery tags; those not open are skipped),
+    /// with as few frames as the ledger allows, sent together and awaited together.
+    async fn close_out(&self, acks: &[u64], requeue: &[u64]) -> Result<(), BrokerError> {
+        if acks.is_empty() && requeue.is_empty() {
+            return Ok(());
+        }
+        let ch = &self.channel;
+        let mut sends: Vec<BoxFuture<'_, lapin::Result<()>>> = Vec::new();
+        {
+            let mut ledger = self.ledger.lock().expect("ledger poisoned");
+            let plan = ledger.plan(acks, requeue);
+            let nack = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            let frames = plan
+                .requeue
+                .iter()
+                .map(|&tag| ch.basic_nack(tag, nack).boxed())
+                .chain(
+                    plan.up_to
+                        .map(|tag| ch.basic_ack(tag, BasicAckOptions { multiple: true }).boxed()),
+                )
+                .chain(
+                    plan.acks
+                        .iter()
+                        .map(|&tag| ch.basic_ack(tag, BasicAckOptions::default()).boxed()),
+                );
+            // Polled once here, under the lock: that queues each frame on the channel, in the
+            // ledger's order. Awaited below with the task's own waker.
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            for mut send in frames {
+                if let Poll::Ready(res) = send.as_mut().poll(&mut cx) {
+                    send = futures::future::ready(res).boxed();
+                }
+                sends.push(send);
+            }
+        }
+        tokio::time::timeout(RPC_TIMEOUT, join_all(sends))
+            .await
+            .map_err(|_| BrokerError::Unavailable("rabbitmq: acknowledgements not sent in time".into()))?
+            .into_iter()
+            .collect::<lapin::Result<Vec<()>>>()?;
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -886,21 +1008,23 @@ struct Intake {
     consumer: Option<Consumer>,
     /// Deliveries due in less than [`DELAY_BASE_MS`]: kept (unacknowledged) until they are due.
     held: Vec<Job>,
+    /// Deliveries taken from the consumer and not yet sorted (kept to reuse the allocation).
+    arrived: Vec<Delivery>,
 }
 
 /// What to do with a delivery that is not handed to the worker.
 struct Diversion {
-    receipt: u64,
+    tag: u64,
     msg: Outgoing,
 }
 
 impl AmqpDriver {
-    fn current_session(&self) -> Option<Session> {
+    fn current_session(&self) -> Option<Arc<Session>> {
         self.session.lock().expect("session poisoned").clone()
     }
 
     /// The consumer channel, opened again if it closed.
-    async fn session(&self, intake: &mut Intake) -> Result<Session, BrokerError> {
+    async fn session(&self, intake: &mut Intake) -> Result<Arc<Session>, BrokerError> {
         if intake.consumer.is_some()
             && let Some(s) = self.current_session()
             && s.channel.status().connected()
@@ -911,10 +1035,7 @@ impl AmqpDriver {
             tracing::warn!(queue = %self.queue, "RabbitMQ consumer channel lost: opening a new one");
         }
         // Whatever the old channel delivered went back to the queue when it closed.
-        intake.consumer = None;
-        intake.held.clear();
-        *self.session.lock().expect("session poisoned") = None;
-        self.unsettled.lock().expect("unsettled poisoned").clear();
+        self.lose_session(intake);
 
         self.broker.ensure_declared(&self.queue).await?;
         let conn = self.broker.inner.consumer.connection().await?;
@@ -946,11 +1067,12 @@ impl AmqpDriver {
                 )));
             }
         };
-        let session = Session {
+        let session = Arc::new(Session {
             channel,
             generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+            ledger: Mutex::default(),
             _conn: conn,
-        };
+        });
         *self.session.lock().expect("session poisoned") = Some(session.clone());
         intake.consumer = Some(consumer);
         Ok(session)
@@ -960,116 +1082,123 @@ impl AmqpDriver {
     fn lose_session(&self, intake: &mut Intake) {
         intake.consumer = None;
         intake.held.clear();
+        intake.arrived.clear();
         *self.session.lock().expect("session poisoned") = None;
-        self.unsettled.lock().expect("unsettled poisoned").clear();
     }
 
-    /// Sorts a delivery: due → `out`; due within 100 ms → held; later → the next delay queue;
-    /// canceled → dropped; unreadable → the dead queue.
-    fn sort(
-        &self,
-        data: Vec<u8>,
-        receipt: u64,
-        out: &mut Vec<Job>,
-        held: &mut Vec<Job>,
-        diversions: &mut Vec<Diversion>,
-        drops: &mut Vec<u64>,
-    ) {
-        let mut job: Job = match serde_json::from_slice(&data) {
-            Ok(job) => job,
-            Err(e) => {
-                tracing::error!(queue = %self.queue, error = %e, "unreadable message moved to the dead queue");
-                let error = format!("corrupt job envelope: {e}");
-                diversions.push(Diversion {
-                    receipt,
-                    msg: Outgoing {
-                        queue: self.queue.clone(),
-                        routing_key: self.names.dead.clone(),
-                        body: data,
-                        props: properties(None, Some(&error)),
-                    },
-                });
-                return;
+    /// Sorts deliveries: due → `out`; due within 100 ms → held; later → the next delay queue;
+    /// canceled → dropped; unreadable → the dead queue. Each is entered in the ledger.
+    fn sort(&self, session: &Session, intake: &mut Intake, sorted: &mut Sorted) {
+        let now = now_ms();
+        let canceled = self.broker.inner.canceled.lock().expect("canceled poisoned");
+        let mut ledger = session.ledger.lock().expect("ledger poisoned");
+        for delivery in intake.arrived.drain(..) {
+            let tag = delivery.delivery_tag;
+            let mut lease = Lease::Intake;
+            match serde_json::from_slice::<Job>(&delivery.data) {
+                Err(e) => {
+                    tracing::error!(queue = %self.queue, error = %e, "unreadable message moved to the dead queue");
+                    let error = format!("corrupt job envelope: {e}");
+                    sorted.diversions.push(Diversion {
+                        tag,
+                        msg: Outgoing {
+                            queue: self.queue.clone(),
+                            routing_key: self.names.dead.clone(),
+                            body: delivery.data,
+                            props: properties(None, Some(&error)),
+                        },
+                    });
+                }
+                Ok(job) if canceled.contains_key(&job.id) => {
+                    tracing::debug!(job.id = %job.id, "skipping canceled job");
+                    sorted.drops.push(tag);
+                }
+                Ok(mut job) => {
+                    job.attempt = job.attempt.saturating_add(1);
+                    job.receipt = receipt(session.generation, tag);
+                    let remaining = job.run_at_ms.map_or(0, |at| at - now);
+                    if remaining <= DUE_SLACK_MS {
+                        sorted.out.push(job);
+                        lease = Lease::Worker;
+                    } else if remaining < DELAY_BASE_MS {
+                        intake.held.push(job);
+                    } else {
+                        let props = properties(Some(job.id), None);
+                        sorted.diversions.push(Diversion {
+                            tag,
+                            msg: Outgoing {
+                                queue: self.queue.clone(),
+                                routing_key: self.names.for_remaining(remaining).to_owned(),
+                                body: delivery.data,
+                                props,
+                            },
+                        });
+                    }
+                }
             }
-        };
-        if self.broker.is_canceled(job.id) {
-            tracing::debug!(job.id = %job.id, "skipping canceled job");
-            drops.push(receipt);
+            ledger.open.insert(tag, lease);
+        }
+    }
+
+    /// Moves held jobs that fell due to `out` (canceled ones to `drops`).
+    fn release_due(&self, session: &Session, intake: &mut Intake, sorted: &mut Sorted, max: usize) {
+        if intake.held.is_empty() {
             return;
         }
-        job.attempt = job.attempt.saturating_add(1);
-        job.receipt = receipt;
-        let remaining = job.run_at_ms.map_or(0, |at| at - now_ms());
-        if remaining <= DUE_SLACK_MS {
-            out.push(job);
-        } else if remaining < DELAY_BASE_MS {
-            held.push(job);
-        } else {
-            let props = properties(Some(job.id), None);
-            diversions.push(Diversion {
-                receipt,
-                msg: Outgoing {
-                    queue: self.queue.clone(),
-                    routing_key: self.names.for_remaining(remaining).to_owned(),
-                    body: data,
-                    props,
-                },
-            });
+        let now = now_ms();
+        let mut i = 0;
+        while i < intake.held.len() && sorted.out.len() < max {
+            if intake.held[i].run_at_ms.unwrap_or(0) - now > DUE_SLACK_MS {
+                i += 1;
+                continue;
+            }
+            let job = intake.held.swap_remove(i);
+            let Some(tag) = session.tag(job.receipt) else {
+                continue;
+            };
+            if self.broker.is_canceled(job.id) {
+                sorted.drops.push(tag);
+            } else {
+                session
+                    .ledger
+                    .lock()
+                    .expect("ledger poisoned")
+                    .open
+                    .insert(tag, Lease::Worker);
+                sorted.out.push(job);
+            }
         }
     }
 
     /// Publishes diverted messages (confirmed), then acknowledges them and the dropped ones;
     /// a message whose publish failed goes back to the queue.
-    async fn divert(
-        &self,
-        session: &Session,
-        diversions: Vec<Diversion>,
-        drops: Vec<u64>,
-    ) -> Result<(), BrokerError> {
-        let (receipts, msgs): (Vec<u64>, Vec<Outgoing>) =
-            diversions.into_iter().map(|d| (d.receipt, d.msg)).unzip();
-        let mut acks = drops;
+    async fn divert(&self, session: &Session, sorted: &mut Sorted) -> Result<(), BrokerError> {
+        let (tags, msgs): (Vec<u64>, Vec<Outgoing>) =
+            sorted.diversions.drain(..).map(|d| (d.tag, d.msg)).unzip();
+        let mut acks = std::mem::take(&mut sorted.drops);
         let mut requeue = Vec::new();
         let mut failure = None;
-        for (r, res) in receipts.into_iter().zip(self.broker.publish_each(&msgs).await) {
+        for (tag, res) in tags.into_iter().zip(self.broker.publish_each(&msgs).await) {
             match res {
-                Ok(()) => acks.push(r),
+                Ok(()) => acks.push(tag),
                 Err(e) => {
-                    requeue.push(r);
+                    requeue.push(tag);
                     failure.get_or_insert(e);
                 }
             }
         }
-        acknowledge(session, &acks, &requeue).await?;
+        session.close_out(&acks, &requeue).await?;
         failure.map_or(Ok(()), Err)
     }
 }
 
-/// Acks and requeueing nacks, sent together and awaited together.
-async fn acknowledge(session: &Session, acks: &[u64], requeue: &[u64]) -> Result<(), BrokerError> {
-    if acks.is_empty() && requeue.is_empty() {
-        return Ok(());
-    }
-    let ch = &session.channel;
-    let nack = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    let sent = futures::future::join(
-        join_all(
-            acks.iter()
-                .map(|&r| ch.basic_ack(delivery_tag(r), BasicAckOptions::default())),
-        ),
-        join_all(requeue.iter().map(|&r| ch.basic_nack(delivery_tag(r), nack))),
-    );
-    let (acked, nacked) = tokio::time::timeout(RPC_TIMEOUT, sent)
-        .await
-        .map_err(|_| BrokerError::Unavailable("rabbitmq: acknowledgements not sent in time".into()))?;
-    acked
-        .into_iter()
-        .chain(nacked)
-        .collect::<lapin::Result<Vec<()>>>()?;
-    Ok(())
+/// One fetch's deliveries, sorted.
+#[derive(Default)]
+struct Sorted {
+    out: Vec<Job>,
+    diversions: Vec<Diversion>,
+    /// Delivery tags of canceled jobs, to acknowledge unrun.
+    drops: Vec<u64>,
 }
 
 #[async_trait]
@@ -1079,54 +1208,33 @@ impl Driver for AmqpDriver {
             return Ok(Vec::new());
         }
         let mut intake = self.intake.lock().await;
-        let session = self.session(&mut intake).await?;
+        let intake = &mut *intake;
+        let session = self.session(intake).await?;
         let deadline = Instant::now() + wait;
-        let mut out = Vec::new();
-        let mut diversions = Vec::new();
-        let mut drops = Vec::new();
+        let mut sorted = Sorted::default();
         loop {
             // Held jobs that fell due join the batch.
-            let now = now_ms();
-            let mut i = 0;
-            while i < intake.held.len() && out.len() < max {
-                if intake.held[i].run_at_ms.unwrap_or(0) - now <= DUE_SLACK_MS {
-                    let job = intake.held.swap_remove(i);
-                    if self.broker.is_canceled(job.id) {
-                        drops.push(job.receipt);
-                    } else {
-                        out.push(job);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            self.release_due(&session, intake, &mut sorted, max);
             // Early arrivals go down the next delay queue at once, or they would be late.
-            if !diversions.is_empty() || !drops.is_empty() {
-                let diverted = self
-                    .divert(
-                        &session,
-                        std::mem::take(&mut diversions),
-                        std::mem::take(&mut drops),
-                    )
-                    .await;
-                if let Err(e) = diverted {
-                    if !session.channel.status().connected() {
-                        self.lose_session(&mut intake);
-                        return Err(e);
-                    }
-                    if out.is_empty() {
-                        // Publishing is down: let the caller back off; the messages were requeued.
-                        return Err(e);
-                    }
-                    break;
+            if (!sorted.diversions.is_empty() || !sorted.drops.is_empty())
+                && let Err(e) = self.divert(&session, &mut sorted).await
+            {
+                if !session.channel.status().connected() {
+                    self.lose_session(intake);
+                    return Err(e);
                 }
+                if sorted.out.is_empty() {
+                    // Publishing is down: let the caller back off; the messages were requeued.
+                    return Err(e);
+                }
+                break;
             }
-            if out.len() >= max {
+            if sorted.out.len() >= max {
                 break;
             }
             // Wait for the first job (or the next held one to fall due); after that take only
             // what has already arrived.
-            let patience = if out.is_empty() {
+            let patience = if sorted.out.is_empty() {
                 let until_deadline = deadline.saturating_duration_since(Instant::now());
                 let until_held = intake
                     .held
@@ -1139,42 +1247,44 @@ impl Driver for AmqpDriver {
                 Duration::ZERO
             };
             let consumer = intake.consumer.as_mut().expect("opened by session()");
-            let next = if patience.is_zero() {
+            let mut next = if patience.is_zero() {
                 consumer.next().now_or_never()
             } else {
                 tokio::time::timeout(patience, consumer.next()).await.ok()
             };
-            let delivery = match next {
-                None => {
-                    if !out.is_empty() || Instant::now() >= deadline {
-                        break;
+            if next.is_none() {
+                if !sorted.out.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+                continue;
+            }
+            // Everything that has arrived, up to what the batch has room for.
+            while let Some(item) = next {
+                match item {
+                    Some(Ok(delivery)) => intake.arrived.push(delivery),
+                    Some(Err(e)) => {
+                        // Whatever this channel delivered goes back to the queue as it closes.
+                        self.lose_session(intake);
+                        return Err(e.into());
                     }
-                    continue;
+                    None => {
+                        self.lose_session(intake);
+                        self.broker.forget(&self.queue);
+                        return Err(BrokerError::Unavailable(format!(
+                            "rabbitmq canceled the consumer of {} (queue deleted?)",
+                            self.names.main
+                        )));
+                    }
                 }
-                Some(Some(Ok(delivery))) => delivery,
-                Some(Some(Err(e))) => {
-                    // Whatever this channel delivered goes back to the queue as it closes.
-                    self.lose_session(&mut intake);
-                    return Err(e.into());
-                }
-                Some(None) => {
-                    self.lose_session(&mut intake);
-                    self.broker.forget(&self.queue);
-                    return Err(BrokerError::Unavailable(format!(
-                        "rabbitmq canceled the consumer of {} (queue deleted?)",
-                        self.names.main
-                    )));
-                }
-            };
-            let r = receipt(session.generation, delivery.delivery_tag);
-            let Intake { held, .. } = &mut *intake;
-            self.sort(delivery.data, r, &mut out, held, &mut diversions, &mut drops);
+                next = if sorted.out.len() + intake.arrived.len() < max {
+                    consumer.next().now_or_never()
+                } else {
+                    None
+                };
+            }
+            self.sort(&session, intake, &mut sorted);
         }
-        self.unsettled
-            .lock()
-            .expect("unsettled poisoned")
-            .extend(out.iter().map(|j| (j.receipt, false)));
-        Ok(out)
+        Ok(sorted.out)
     }
 
     async fn settle(&self, batch: &[Settlement]) -> Result<(), BrokerError> {
@@ -1183,26 +1293,30 @@ impl Driver for AmqpDriver {
         let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
             return Ok(());
         };
-        let now = now_ms();
-        let mut acks = Vec::new();
-        let mut receipts = Vec::new();
-        let mut msgs = Vec::new();
+        let mut acks = Vec::with_capacity(batch.len());
+        // Failed attempts whose retry or dead copy is to be published first.
+        let mut failed = Vec::new();
         {
-            let unsettled = self.unsettled.lock().expect("unsettled poisoned");
+            let ledger = session.ledger.lock().expect("ledger poisoned");
             for s in batch {
-                let r = s.job.receipt;
-                let Some(&published) = unsettled.get(&r) else {
+                let Some(tag) = session.tag(s.job.receipt) else {
                     continue;
                 };
+                match (ledger.open.get(&tag), &s.outcome) {
+                    (Some(Lease::Worker), Outcome::Succeeded) | (Some(Lease::Republished), _) => {
+                        acks.push(tag)
+                    }
+                    (Some(Lease::Worker), _) => failed.push((tag, s)),
+                    _ => {}
+                }
+            }
+        }
+        let mut failure = None;
+        if !failed.is_empty() {
+            let now = now_ms();
+            let mut msgs = Vec::with_capacity(failed.len());
+            for (_, s) in &failed {
                 let (routing_key, job, error) = match &s.outcome {
-                    Outcome::Succeeded => {
-                        acks.push(r);
-                        continue;
-                    }
-                    _ if published => {
-                        acks.push(r);
-                        continue;
-                    }
                     Outcome::Retry { at_ms, .. } => {
                         // `attempt` is the attempt that just ended: attempts made so far.
                         let mut job = Job::clone(&s.job);
@@ -1212,6 +1326,7 @@ impl Driver for AmqpDriver {
                     Outcome::Dead { error, .. } => {
                         (self.names.dead.clone(), Job::clone(&s.job), Some(error.as_str()))
                     }
+                    Outcome::Succeeded => unreachable!("only failed attempts are republished"),
                 };
                 msgs.push(Outgoing {
                     queue: self.queue.clone(),
@@ -1219,21 +1334,17 @@ impl Driver for AmqpDriver {
                     body: envelope(&job)?,
                     props: properties(Some(job.id), error),
                 });
-                receipts.push(r);
             }
-        }
-        let mut failure = None;
-        let published = self.broker.publish_each(&msgs).await;
-        {
-            let mut unsettled = self.unsettled.lock().expect("unsettled poisoned");
-            for (r, res) in receipts.into_iter().zip(published) {
+            let published = self.broker.publish_each(&msgs).await;
+            let mut ledger = session.ledger.lock().expect("ledger poisoned");
+            for ((tag, _), res) in failed.into_iter().zip(published) {
                 match res {
                     Ok(()) => {
                         // Absent if the channel was lost meanwhile: then the ack below fails too.
-                        if let Some(published) = unsettled.get_mut(&r) {
-                            *published = true;
+                        if let Some(lease) = ledger.open.get_mut(&tag) {
+                            *lease = Lease::Republished;
                         }
-                        acks.push(r);
+                        acks.push(tag);
                     }
                     Err(e) => {
                         failure.get_or_insert(e);
@@ -1241,13 +1352,7 @@ impl Driver for AmqpDriver {
                 }
             }
         }
-        acknowledge(&session, &acks, &[]).await?;
-        {
-            let mut unsettled = self.unsettled.lock().expect("unsettled poisoned");
-            for r in &acks {
-                unsettled.remove(r);
-            }
-        }
+        session.close_out(&acks, &[]).await?;
         failure.map_or(Ok(()), Err)
     }
 
@@ -1255,20 +1360,15 @@ impl Driver for AmqpDriver {
         let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
             return Ok(());
         };
-        let receipts: Vec<u64> = {
-            let unsettled = self.unsettled.lock().expect("unsettled poisoned");
+        let tags: Vec<u64> = {
+            let ledger = session.ledger.lock().expect("ledger poisoned");
             jobs.iter()
-                .map(|j| j.receipt)
-                .filter(|r| unsettled.contains_key(r))
+                .filter_map(|j| session.tag(j.receipt))
+                .filter(|tag| ledger.open.get(tag) == Some(&Lease::Worker))
                 .collect()
         };
         // Requeued as delivered: the body still says how many attempts were made.
-        acknowledge(&session, &[], &receipts).await?;
-        let mut unsettled = self.unsettled.lock().expect("unsettled poisoned");
-        for r in &receipts {
-            unsettled.remove(r);
-        }
-        Ok(())
+        session.close_out(&[], &tags).await
     }
 
     async fn renew(&self, _held: &[JobId]) -> Result<(), BrokerError> {
@@ -1318,6 +1418,63 @@ mod tests {
         assert_eq!(n.for_remaining(50), "drover.backups");
         assert_eq!(n.for_remaining(450), "drover.backups.delay.2");
         assert_eq!(n.all().count(), 27);
+    }
+
+    fn ledger(open: impl IntoIterator<Item = u64>) -> Ledger {
+        Ledger {
+            open: open.into_iter().map(|tag| (tag, Lease::Worker)).collect(),
+        }
+    }
+
+    #[test]
+    fn acks_below_every_open_delivery_go_out_as_one_multiple_ack() {
+        let mut l = ledger(1..=10);
+        let plan = l.plan(&[3, 1, 2, 5], &[]);
+        assert_eq!(
+            plan,
+            Plan {
+                up_to: Some(3),
+                acks: vec![5],
+                requeue: vec![]
+            }
+        );
+        // 4 still runs; once it is done, one ack up to 6 covers 4 and 6 (5 went out already).
+        assert_eq!(l.plan(&[6], &[]).acks, vec![6]);
+        let plan = l.plan(&[4], &[]);
+        assert_eq!((plan.up_to, plan.acks), (Some(4), vec![]));
+        let plan = l.plan(&[10, 8, 7], &[]);
+        assert_eq!((plan.up_to, plan.acks), (Some(8), vec![10]), "9 is open");
+        assert_eq!(l.open.keys().copied().collect::<Vec<_>>(), [9]);
+    }
+
+    #[test]
+    fn a_delivery_closed_once_is_never_acknowledged_again() {
+        let mut l = ledger(1..=4);
+        l.plan(&[2], &[]);
+        assert_eq!(l.plan(&[2], &[]), Plan::default());
+        let plan = l.plan(&[1, 2], &[]);
+        assert_eq!((plan.up_to, plan.acks), (Some(1), vec![]));
+        assert_eq!(l.plan(&[7], &[]), Plan::default(), "never delivered");
+    }
+
+    #[test]
+    fn a_requeued_delivery_goes_back_alone_and_unblocks_the_ones_after_it() {
+        let mut l = ledger(1..=5);
+        let plan = l.plan(&[2, 3], &[1]);
+        assert_eq!(
+            plan,
+            Plan {
+                up_to: Some(3),
+                acks: vec![],
+                requeue: vec![1]
+            }
+        );
+        // Held or intake deliveries block a multiple ack like running jobs do.
+        l.open.insert(6, Lease::Intake);
+        let plan = l.plan(&[4, 5], &[]);
+        assert_eq!((plan.up_to, plan.acks), (Some(5), vec![]));
+        l.open.insert(7, Lease::Worker);
+        assert_eq!(l.plan(&[7], &[]).acks, vec![7]);
     }
 
     #[test]
