@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
 redis_url=${DROVER_BENCH_REDIS:-redis://127.0.0.1:6379/0}
 bullmq=${BULLMQ_RUN:-../shared/bench/bullmq/run.sh}
+[[ -x $bullmq ]] || bullmq=/work/shared/bench/bullmq/run.sh
 [[ -x $bullmq ]] || { echo "bench-compare: $bullmq not found (the BullMQ harness)" >&2; exit 2; }
 cargo build --release --locked --quiet
 drover=${CARGO_TARGET_DIR:-target}/release/drover

@@ -62,8 +62,12 @@ if errors:
     sys.exit(1)
 print(f"{sys.argv[2]}: valid ({len(doc['services'])} services)")
 PY
-shared_validate=../shared/k8s/validate
-[ -x "$shared_validate" ] || { echo "missing $shared_validate (the shared/ folder beside the repository)" >&2; exit 1; }
+# The shared folder sits beside the main checkout; a clone elsewhere (CI) finds it at /work/shared.
+shared_validate=
+for dir in ${DROVER_SHARED_DIR:-} ../shared /work/shared; do
+  [ -x "$dir/k8s/validate" ] && { shared_validate=$dir/k8s/validate; break; }
+done
+[ -n "$shared_validate" ] || { echo "missing shared/k8s/validate (looked in \$DROVER_SHARED_DIR, ../shared, /work/shared)" >&2; exit 1; }
 for overlay in k8s/overlays/*/; do
   overlay=${overlay%/}
   say "validate $overlay"
