@@ -11,6 +11,9 @@ use drover::{
     config::{self, ApiArgs, Connections, RetryArgs, WorkerArgs, WorkerHealthArgs},
 };
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "drover",

@@ -93,6 +93,9 @@ pub struct AppState {
 
 impl AppState {
     /// A state without a history writer and with the default [`ApiConfig`].
+    ///
+    /// Single-job enqueues from concurrent requests reach `broker` as batches
+    /// ([`jobs::broker::coalesce`]). Call it inside the tokio runtime that serves the API.
     pub fn new(
         broker: Arc<dyn jobs::Producer>,
         db: sea_orm::DatabaseConnection,
@@ -100,7 +103,7 @@ impl AppState {
         metrics: PrometheusHandle,
     ) -> Self {
         Self {
-            broker,
+            broker: Arc::new(jobs::broker::coalesce::Coalescing::new(broker)),
             db,
             catalog,
             history: None,

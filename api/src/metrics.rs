@@ -3,10 +3,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, RwLock},
     time::{Duration, Instant},
 };
 
+use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::{Endpoint, IntoResponse, Middleware, PathPattern, Request, Response};
 use poem_openapi::{OpenApi, OperationId};
@@ -70,9 +71,30 @@ fn describe() {
     metrics::describe_gauge!(QUEUE_DEPTH, "Jobs per queue and state, as of the last scrape");
 }
 
+/// `drover_jobs_enqueued_total` handles by queue, then kind: registered once per pair, so that
+/// an enqueue neither allocates label strings nor hashes a label set in the registry.
+static ENQUEUED: OnceLock<RwLock<HashMap<String, HashMap<String, Counter>>>> = OnceLock::new();
+
 pub(crate) fn job_enqueued(queue: &str, kind: &str) {
-    metrics::counter!(JOBS_ENQUEUED_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned())
-        .increment(1);
+    let handles = ENQUEUED.get_or_init(RwLock::default);
+    let known = handles
+        .read()
+        .expect("metric handles poisoned")
+        .get(queue)
+        .and_then(|kinds| kinds.get(kind))
+        .cloned();
+    let counter = known.unwrap_or_else(|| {
+        let counter =
+            metrics::counter!(JOBS_ENQUEUED_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned());
+        handles
+            .write()
+            .expect("metric handles poisoned")
+            .entry(queue.to_owned())
+            .or_default()
+            .insert(kind.to_owned(), counter.clone());
+        counter
+    });
+    counter.increment(1);
 }
 
 /// Sets the queue-depth gauges from the broker's statistics; gives up after `timeout` so that

@@ -3,10 +3,12 @@
 //! poem-openapi's own `Json<T>` answers a malformed body or a missing field with one plain-text
 //! message; drover's enqueue routes instead report every bad field (and every bad job of a
 //! batch) at once, so the body is handed to the handler as a `serde_json::Value` and validated
-//! there. `T` only documents the body's schema in the OpenAPI spec.
+//! there (after a strict fast reading, see [`crate::enqueue`]). `T` only documents the body's
+//! schema in the OpenAPI spec.
 
 use std::marker::PhantomData;
 
+use bytes::Bytes;
 use poem::{Request, RequestBody, error::ReadBodyError, http::header};
 use poem_openapi::{
     payload::{ParsePayload, Payload},
@@ -21,10 +23,18 @@ pub(crate) trait BodySchema: Type {
     fn max_bytes(config: &ApiConfig) -> usize;
 }
 
-/// A JSON body whose OpenAPI schema is `T`, delivered as a `serde_json::Value`.
+/// A JSON body whose OpenAPI schema is `T`, delivered as its bytes (non-empty, within the
+/// size limit); [`JsonBody::value`] parses it.
 pub(crate) struct JsonBody<T> {
-    pub(crate) value: serde_json::Value,
+    pub(crate) bytes: Bytes,
     schema: PhantomData<fn() -> T>,
+}
+
+impl<T> JsonBody<T> {
+    /// The body as a JSON tree, or `400 invalid-json`.
+    pub(crate) fn value(&self) -> Result<serde_json::Value, ApiError> {
+        serde_json::from_slice(&self.bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
 }
 
 impl<T: BodySchema> Payload for JsonBody<T> {
@@ -74,9 +84,8 @@ impl<T: BodySchema> ParsePayload for JsonBody<T> {
         if bytes.is_empty() {
             return Err(ApiError::InvalidJson("the request body is empty".to_owned()).into());
         }
-        let value = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
         Ok(Self {
-            value,
+            bytes,
             schema: PhantomData,
         })
     }

@@ -52,8 +52,11 @@ impl JobsApi {
     ) -> Result<EnqueueResponse, ApiError> {
         let traceparent = trace::traceparent_for(traceparent.0.as_deref());
         let cx = self.context(&traceparent);
-        let prepared =
-            enqueue::single(body.value, &cx).map_err(|errors| ApiError::Invalid { errors, batch: false })?;
+        let prepared = match enqueue::single_fast(&body.bytes, &cx) {
+            Some(prepared) => prepared,
+            None => enqueue::single(body.value()?, &cx)
+                .map_err(|errors| ApiError::Invalid { errors, batch: false })?,
+        };
         let event = self.state.history.as_ref().map(|_| prepared.enqueued_event());
         let (queue, kind) = (prepared.job.queue.clone(), prepared.job.kind.clone());
         let span = tracing::info_span!("push", job.id = %prepared.job.id, job.kind = %kind, %queue);
@@ -89,8 +92,12 @@ impl JobsApi {
     ) -> Result<BatchResponse, ApiError> {
         let traceparent = trace::traceparent_for(traceparent.0.as_deref());
         let cx = self.context(&traceparent);
-        let prepared = enqueue::batch(body.value, &cx, self.state.config.max_batch_jobs)
-            .map_err(|errors| ApiError::Invalid { errors, batch: true })?;
+        let max_jobs = self.state.config.max_batch_jobs;
+        let prepared = match enqueue::batch_fast(&body.bytes, &cx, max_jobs) {
+            Some(prepared) => prepared,
+            None => enqueue::batch(body.value()?, &cx, max_jobs)
+                .map_err(|errors| ApiError::Invalid { errors, batch: true })?,
+        };
         if prepared.is_empty() {
             return Ok(BatchResponse::Accepted(Json(BatchAccepted { ids: Vec::new() })));
         }

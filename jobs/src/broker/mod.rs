@@ -17,11 +17,13 @@ use crate::{
 };
 
 pub mod amqp;
+/// Concurrent single pushes sent as batches (group commit).
+pub mod coalesce;
 pub mod redis;
 pub mod sqlite;
 
 /// Why a broker call failed. `Unavailable` is the one callers retry (and the API maps to 503).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
