@@ -177,19 +177,21 @@ pub fn file(conn: &Connections) -> anyhow::Result<FileConfig> {
         return Ok(FileConfig::default());
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    parse_file(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Parses the text of the TOML config file.
+pub fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
+    let mut table: toml::Table = toml::from_str(text)?;
     // Each section is read by its owner's type (each rejecting unknown fields); what is left
     // is the catalog's.
     let schedules = match table.remove("schedules") {
         Some(v) => v
             .try_into::<Vec<ScheduleConfig>>()
-            .with_context(|| format!("parsing [[schedules]] in {}", path.display()))?,
+            .context("parsing [[schedules]]")?,
         None => Vec::new(),
     };
-    let catalog = toml::Value::Table(table)
-        .try_into::<CatalogConfig>()
-        .with_context(|| format!("parsing {}", path.display()))?;
+    let catalog = toml::Value::Table(table).try_into::<CatalogConfig>()?;
     Ok(FileConfig { catalog, schedules })
 }
 

@@ -169,7 +169,7 @@ async fn config_defaults_never_overwrite_an_edit_or_come_back_after_a_delete() {
         // The operator edits it; the next start's default leaves the edit alone.
         let mut edited = write("backup", "0 3 * * *");
         edited.payload = serde_json::json!({"edited": true});
-        schedules::put(&db, &edited, Some(t(3600_000)), t(0))
+        schedules::put(&db, &edited, Some(t(3_600_000)), t(0))
             .await
             .unwrap();
         assert!(
