@@ -643,6 +643,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_local_time_skipped_in_spring_does_not_fire_and_one_repeated_in_autumn_fires_once() {
+        let berlin = CronSchedule::parse("30 2 * * *", Some("Europe/Berlin")).unwrap();
+        // 2030-03-31 02:00 CET jumps to 03:00 CEST: no 02:30 that day.
+        assert_eq!(
+            berlin.next_after(at("2030-03-30T12:00:00Z")),
+            Some(at("2030-04-01T00:30:00Z"))
+        );
+        // 2030-10-27 03:00 CEST falls back to 02:00 CET: 02:30 happens at two instants, and
+        // fires at the first only (a daily job runs once that day).
+        let first = berlin.next_after(at("2030-10-26T12:00:00Z")).unwrap();
+        let second = berlin.next_after(first).unwrap();
+        assert_eq!(
+            (first, second),
+            (at("2030-10-27T00:30:00Z"), at("2030-10-28T01:30:00Z"))
+        );
+    }
+
     const GRACE: Duration = Duration::from_secs(60);
 
     #[test]
