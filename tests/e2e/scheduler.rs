@@ -127,9 +127,10 @@ async fn jobs_per_tick(prefix: &str) -> BTreeMap<String, Vec<String>> {
 }
 
 /// Three `drover scheduler` processes share a per-second schedule (a `[[schedules]]` default
-/// each of them inserts at start) on Postgres and Redis. After ~8 s one is killed with SIGKILL,
-/// ~6 s later a new one starts, ~8 s later all stop. Every second between the first and the
-/// last tick has exactly one job in the broker, and exactly one process pushed it.
+/// each of them inserts at start) on Postgres and Redis for 22 s (`DROVER_TEST_SCHEDULER_HA_S`
+/// for longer runs). Every 8 s the oldest replica is killed with SIGKILL and a replacement
+/// starts 3 s later. Every second between the first and the last tick has exactly one job in
+/// the broker, and exactly one process pushed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_scheduler_processes_fire_each_tick_once_while_one_is_killed_and_replaced() {
     require_redis().await;
@@ -189,16 +190,28 @@ job = { kind = "noop" }
         );
     }
 
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let mut killed = replicas[1].take().unwrap();
-    killed.child.start_kill().unwrap();
-    killed.child.wait().await.unwrap();
-    let killed_at = Utc::now();
-
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    replicas.push(Some(spawn_scheduler(3, &env, lines.clone())));
-    let restarted_at = Utc::now();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Every 8 s the oldest live replica is killed with SIGKILL; a replacement starts 3 s later.
+    let run_for = Duration::from_secs(
+        std::env::var("DROVER_TEST_SCHEDULER_HA_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(22),
+    );
+    let running = Instant::now();
+    let mut kills = Vec::new();
+    // A replacement gets at least 5 s to start and fire before the end.
+    while running.elapsed() + Duration::from_secs(8 + 3 + 5) <= run_for {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let oldest = replicas.iter().position(Option::is_some).unwrap();
+        let mut killed = replicas[oldest].take().unwrap();
+        killed.child.start_kill().unwrap();
+        killed.child.wait().await.unwrap();
+        kills.push(Utc::now());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let index = replicas.len();
+        replicas.push(Some(spawn_scheduler(index, &env, lines.clone())));
+    }
+    tokio::time::sleep(run_for.saturating_sub(running.elapsed())).await;
 
     // Each live replica's tick counter agrees with what it logged.
     let mut counted_total = 0;
@@ -268,7 +281,7 @@ job = { kind = "noop" }
     }
     let pushed_twice: Vec<_> = pushes.iter().filter(|(_, n)| **n > 1).collect();
     let repeated = lines.iter().filter(|l| l.what == "already").count();
-    let by_replica: Vec<usize> = (0..4)
+    let by_replica: Vec<usize> = (0..replicas.len())
         .map(|i| {
             lines
                 .iter()
@@ -284,22 +297,28 @@ job = { kind = "noop" }
         .unwrap();
     println!(
         "SCHEDULER-HA ticks={} span={}s first={first} last={last} missing={} duplicate_jobs={} \
-         pushed_twice={} repeated_pushes_answered_by_idempotency={repeated} fired_by_replica={by_replica:?} \
-         killed_at={killed_at} restarted_at={restarted_at} delay_ms_p50={} p99={} max={}",
+         pushed_twice={} repeated_pushes_answered_by_idempotency={repeated} sigkills={} \
+         fired_by_replica={by_replica:?} delay_ms_p50={} p99={} max={}",
         per_tick.len(),
         (last - first).num_seconds() + 1,
         missing.len(),
         duplicated.len(),
         pushed_twice.len(),
+        kills.len(),
         percentile(&delays, 50.0),
         percentile(&delays, 99.0),
         delays.last().copied().unwrap_or(f64::NAN),
     );
+    assert!(!kills.is_empty(), "no replica was killed");
     assert!(
-        first < killed_at && last > restarted_at,
-        "the ticks must span the kill and the restart"
+        first < kills[0] && last > *kills.last().unwrap() + chrono::Duration::seconds(4),
+        "the ticks must span the kills and the replacements"
     );
-    assert!(per_tick.len() >= 15, "only {} ticks fired", per_tick.len());
+    assert!(
+        per_tick.len() as u64 + 5 >= run_for.as_secs(),
+        "only {} ticks fired in {run_for:?}",
+        per_tick.len()
+    );
     assert!(missing.is_empty(), "ticks without a job: {missing:?}");
     assert!(
         duplicated.is_empty(),
@@ -318,7 +337,10 @@ job = { kind = "noop" }
         unenqueued.is_empty(),
         "ticks claimed but never enqueued: {unenqueued:?}"
     );
-    assert!(by_replica[3] > 0, "the replacement replica never fired");
+    assert!(
+        by_replica[3..].iter().any(|n| *n > 0),
+        "no replacement replica ever fired: {by_replica:?}"
+    );
 
     drop(db);
     delete_redis_prefix(REDIS_URL, &prefix).await;
