@@ -118,8 +118,20 @@ pub struct CronSchedule {
 
 impl CronSchedule {
     /// Parses `expression` (see the module documentation for the accepted forms) in `timezone`
-    /// (an IANA name such as `Europe/Berlin`; UTC when `None`).
+    /// (an IANA name such as `Europe/Berlin`; UTC when `None`), and requires a tick after now:
+    /// what a new definition must pass.
     pub fn parse(expression: &str, timezone: Option<&str>) -> Result<Self, ScheduleError> {
+        let parsed = Self::read(expression, timezone)?;
+        // An expression like `0 0 0 30 2 *` (30 February) parses but never fires.
+        if parsed.next_after(Utc::now()).is_none() {
+            return Err(ScheduleError::Cron(format!("{expression:?} has no future tick")));
+        }
+        Ok(parsed)
+    }
+
+    /// Parses a stored expression, which may have run out of ticks since it was written (a
+    /// year field in the past): the scheduler then just finds no next tick.
+    pub fn read(expression: &str, timezone: Option<&str>) -> Result<Self, ScheduleError> {
         let timezone = match timezone {
             None => Tz::UTC,
             Some(name) => Tz::from_str(name).map_err(|_| {
@@ -132,16 +144,11 @@ impl CronSchedule {
         let schedule = cron::Schedule::from_str(&normalized).map_err(|e| {
             ScheduleError::Cron(format!("{expression:?} is not a valid cron expression: {e}"))
         })?;
-        let parsed = Self {
+        Ok(Self {
             expression: expression.trim().to_owned(),
             timezone,
             schedule,
-        };
-        // An expression like `0 0 0 30 2 *` (30 February) parses but never fires.
-        if parsed.next_after(Utc::now()).is_none() {
-            return Err(ScheduleError::Cron(format!("{expression:?} has no future tick")));
-        }
-        Ok(parsed)
+        })
     }
 
     /// The expression as given.
@@ -641,6 +648,29 @@ mod tests {
             berlin.next_after(at("2030-07-10T12:00:00Z")),
             Some(at("2030-07-11T00:00:00Z"))
         );
+    }
+
+    #[test]
+    fn a_stored_expression_whose_ticks_ran_out_still_reads_but_a_new_one_is_refused() {
+        let ended = "0 0 0 1 1 * 2020-2021";
+        assert_eq!(CronSchedule::parse(ended, None).unwrap_err().field(), "cron");
+        let c = CronSchedule::read(ended, None).unwrap();
+        assert_eq!(c.next_after(at("2030-01-01T00:00:00Z")), None);
+        let plan = c.plan(
+            at("2020-01-01T00:00:00Z"),
+            at("2030-01-01T00:00:00Z"),
+            GRACE,
+            MissedTicks::RunOnce,
+            100,
+        );
+        assert_eq!(
+            plan.fire,
+            [PlannedTick {
+                at: at("2021-01-01T00:00:00Z"),
+                stands_for: 2
+            }]
+        );
+        assert_eq!(plan.next, None);
     }
 
     #[test]

@@ -556,14 +556,22 @@ async fn after_downtime_missed_ticks_follow_each_schedules_policy() {
             .await
             .unwrap();
     }
+    // Its last tick passed while the scheduler was down: it fires once, then never again.
+    let ended = noop_write("ended", "0 0 0 1 1 * 2020-2021", "run_once");
+    schedules::put(&db, &ended, down_since, Utc::now()).await.unwrap();
     let next = at("2099-01-01T00:00:00Z");
     let check_db = db.clone();
     run_scheduler_until(&db, broker.clone(), workers::SchedulerSettings::default(), || {
         let db = check_db.clone();
         async move {
             let all = schedules::list(&db).await.unwrap();
-            let ticks = schedules::recent_ticks(&db, "once", 10).await.unwrap();
-            all.iter().all(|s| s.next_tick == Some(next)) && ticks.iter().all(|t| t.enqueued_at.is_some())
+            let moved_on = all
+                .iter()
+                .all(|s| s.next_tick == if s.name == "ended" { None } else { Some(next) });
+            let pending = schedules::unenqueued_ticks(&db, "", Utc::now() + chrono::Duration::days(1), 10)
+                .await
+                .unwrap();
+            moved_on && pending.is_empty()
         }
     })
     .await;
@@ -588,14 +596,26 @@ async fn after_downtime_missed_ticks_follow_each_schedules_policy() {
         .unwrap()
         .expect("the broker has the job");
     assert_eq!(job.kind, "noop");
+    let ended = schedules::recent_ticks(&db, "ended", 10).await.unwrap();
+    assert_eq!(
+        ended
+            .iter()
+            .map(|t| (t.tick_at, t.stands_for))
+            .collect::<Vec<_>>(),
+        [(at("2021-01-01T00:00:00Z"), 2)]
+    );
+    assert!(
+        schedules::active(&db)
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.name != "ended")
+    );
     let stats = broker
         .stats(&jobs::QueueName::parse("noop").unwrap())
         .await
         .unwrap();
-    assert_eq!(
-        stats.pending, 1,
-        "one job for both schedules' missed ticks: {stats:?}"
-    );
+    assert_eq!(stats.pending, 2, "one job for each run_once schedule: {stats:?}");
 
     drop(db);
     for suffix in ["", "-wal", "-shm"] {

@@ -220,7 +220,7 @@ impl Scheduler {
         let mut wake_at: DateTime<Utc> = now + self.settings.poll;
         for s in &active {
             let Some(due) = s.next_tick else { continue };
-            let cron = match CronSchedule::parse(&s.cron, Some(&s.timezone)) {
+            let cron = match CronSchedule::read(&s.cron, Some(&s.timezone)) {
                 Ok(cron) => cron,
                 Err(error) => {
                     // Only a row written around the API could hold this.
