@@ -1,4 +1,5 @@
-//! Composes database, broker, history writer, API and workers into running processes.
+//! Composes database, broker, history writer, API, workers and the scheduler into running
+//! processes.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -7,7 +8,7 @@ use jobs::{BrokerOptions, Catalog, Producer};
 use schema::history::{HistoryConfig, HistoryTask, HistoryWriter};
 use sea_orm::DatabaseConnection;
 
-use crate::config::{ApiArgs, Connections, WorkerArgs, WorkerHealthArgs};
+use crate::config::{ApiArgs, Connections, SchedulerArgs, SchedulerHealthArgs, WorkerArgs, WorkerHealthArgs};
 
 /// What every drover process holds: one of each, shared by everything in the process.
 pub struct Stack {
@@ -128,28 +129,93 @@ pub async fn run_worker_process(
     let Some(addr) = &health.health_listen else {
         return run_workers(stack, args, deps, shutdown).await;
     };
+    with_probes(stack, addr, None, shutdown, |stop| {
+        run_workers(stack, args, deps, stop)
+    })
+    .await
+}
+
+/// Inserts the config file's default schedules that do not exist yet (never overwriting one an
+/// operator edited or deleted). Fails on an invalid entry, so a process refuses to start on it.
+pub async fn seed_schedules(
+    stack: &Stack,
+    defaults: &[jobs::schedule::ScheduleConfig],
+) -> anyhow::Result<()> {
+    workers::scheduler::seed(&stack.db, &stack.catalog, defaults)
+        .await
+        .context("creating the default schedules of the config file")
+}
+
+/// Fires schedules until `shutdown` resolves.
+pub async fn run_scheduler(
+    stack: &Stack,
+    args: &SchedulerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // The scheduler registers its metrics as it fires: the recorder must exist by then.
+    api::install_metrics();
+    workers::scheduler::run(
+        stack.db.clone(),
+        stack.broker.clone(),
+        stack.catalog.clone(),
+        Some(stack.history.clone()),
+        args.settings(),
+        shutdown,
+    )
+    .await
+}
+
+/// `drover scheduler`: [`run_scheduler`] with the probe listener when `health` names an
+/// address (readiness: database and broker reachable).
+pub async fn run_scheduler_process(
+    stack: &Stack,
+    args: &SchedulerArgs,
+    health: &SchedulerHealthArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Some(addr) = &health.health_listen else {
+        return run_scheduler(stack, args, shutdown).await;
+    };
+    let db = Some(stack.db.clone());
+    with_probes(stack, addr, db, shutdown, |stop| run_scheduler(stack, args, stop)).await
+}
+
+/// Runs `run` with the probe listener on `addr` up until it returns: `/readyz` turns 503 as
+/// soon as `shutdown` resolves (the process stops taking work), `/healthz` stays 200.
+async fn with_probes<'a, F, Fut>(
+    stack: &Stack,
+    addr: &str,
+    db: Option<DatabaseConnection>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    run: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(futures::future::BoxFuture<'static, ()>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + 'a,
+{
     let listener = bind_addr(addr)?;
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
     let probes = tokio::spawn(crate::health::serve(
         listener,
         stack.broker.clone(),
+        db,
         api::install_metrics(),
         draining,
         async move {
             let _ = done.await;
         },
     ));
-    let res = run_workers(stack, args, deps, async move {
+    let res = run(Box::pin(async move {
         shutdown.await;
         let _ = draining_tx.send(true);
-    })
+    }))
     .await;
     let _ = done_tx.send(());
     match probes.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "worker health endpoint failed"),
-        Err(e) => tracing::warn!(error = %e, "worker health endpoint task failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "health endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "health endpoint task failed"),
     }
     res
 }

@@ -1,11 +1,11 @@
 //! Settings: `DROVER_*` environment variables and CLI flags (flags win), plus an optional TOML
-//! file (`DROVER_CONFIG`) for per-family retry policies and timeouts.
+//! file (`DROVER_CONFIG`) for per-family retry policies and timeouts and default schedules.
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
-use jobs::{CatalogConfig, QueueName};
+use jobs::{CatalogConfig, QueueName, schedule::ScheduleConfig};
 
 /// A value that must never reach a log: prints as `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -42,7 +42,8 @@ pub struct Connections {
     /// Namespace of drover's Redis keys / AMQP queues / SQLite tables.
     #[arg(long, env = "DROVER_BROKER_PREFIX", default_value = "drover")]
     pub broker_prefix: String,
-    /// Optional TOML file with `[retry.<queue or kind>]` tables, `default_retry` and `timeout_ms`.
+    /// Optional TOML file with `[retry.<queue or kind>]` tables, `default_retry`, `timeout_ms`
+    /// and `[[schedules]]` (default schedules, inserted when absent).
     #[arg(long, env = "DROVER_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -81,6 +82,43 @@ pub struct WorkerHealthArgs {
     /// Address of the worker's `/healthz`, `/readyz` and `/metrics` listener, e.g.
     /// `0.0.0.0:9091` (Kubernetes probes, Prometheus). Off when unset.
     #[arg(long, env = "DROVER_WORKER_LISTEN")]
+    pub health_listen: Option<String>,
+}
+
+/// Scheduler settings (`drover scheduler`, `drover dev`).
+#[derive(Args, Clone, Debug)]
+pub struct SchedulerArgs {
+    /// Longest time between two reads of the schedules, in ms: edits through the API take
+    /// effect within it (due ticks wake the scheduler on time regardless).
+    #[arg(long, env = "DROVER_SCHEDULER_POLL_MS", default_value_t = 1000)]
+    pub scheduler_poll_ms: u64,
+    /// Ticks up to this many seconds late still fire; older ones are missed and follow each
+    /// schedule's `missed_ticks` policy.
+    #[arg(long, env = "DROVER_SCHEDULER_MISFIRE_GRACE_S", default_value_t = 60)]
+    pub misfire_grace_s: u64,
+    /// Seconds a claimed tick waits for its replica to enqueue it before another replica does
+    /// (how late a tick can be when a scheduler dies right after claiming it).
+    #[arg(long, env = "DROVER_SCHEDULER_LEASE_S", default_value_t = 30)]
+    pub tick_lease_s: u64,
+}
+
+impl SchedulerArgs {
+    pub fn settings(&self) -> workers::SchedulerSettings {
+        workers::SchedulerSettings {
+            poll: Duration::from_millis(self.scheduler_poll_ms.max(10)),
+            misfire_grace: Duration::from_secs(self.misfire_grace_s),
+            lease: Duration::from_secs(self.tick_lease_s.max(1)),
+            ..Default::default()
+        }
+    }
+}
+
+/// The scheduler's probe listener (`drover scheduler` only).
+#[derive(Args, Clone, Debug, Default)]
+pub struct SchedulerHealthArgs {
+    /// Address of the scheduler's `/healthz`, `/readyz` and `/metrics` listener, e.g.
+    /// `0.0.0.0:9091`. Off when unset.
+    #[arg(long, env = "DROVER_SCHEDULER_LISTEN")]
     pub health_listen: Option<String>,
 }
 
@@ -123,16 +161,43 @@ pub struct RetryArgs {
     pub retry_jitter: Option<f64>,
 }
 
+/// The TOML file (`DROVER_CONFIG`), split by owner.
+#[derive(Clone, Debug, Default)]
+pub struct FileConfig {
+    /// `[retry.*]`, `[default_retry]`, `[timeout_ms]`.
+    pub catalog: CatalogConfig,
+    /// `[[schedules]]`: default schedules, inserted at startup by the scheduler when no schedule
+    /// of that name exists (see `workers::scheduler::seed`).
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+/// Reads the TOML file named by `--config`/`DROVER_CONFIG` (empty settings without one).
+pub fn file(conn: &Connections) -> anyhow::Result<FileConfig> {
+    let Some(path) = &conn.config else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_file(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Parses the text of the TOML config file.
+pub fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    // Each section is read by its owner's type (each rejecting unknown fields); what is left
+    // is the catalog's.
+    let schedules = match table.remove("schedules") {
+        Some(v) => v
+            .try_into::<Vec<ScheduleConfig>>()
+            .context("parsing [[schedules]]")?,
+        None => Vec::new(),
+    };
+    let catalog = toml::Value::Table(table).try_into::<CatalogConfig>()?;
+    Ok(FileConfig { catalog, schedules })
+}
+
 /// Builds the job catalog: built-in policies, then the TOML file, then the environment.
 pub fn catalog(conn: &Connections, retry: &RetryArgs) -> anyhow::Result<jobs::Catalog> {
-    let mut cfg = match &conn.config {
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<CatalogConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => CatalogConfig::default(),
-    };
+    let mut cfg = file(conn)?.catalog;
     let any = retry.retry_max_attempts.is_some()
         || retry.retry_initial_ms.is_some()
         || retry.retry_multiplier.is_some()

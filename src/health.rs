@@ -1,15 +1,17 @@
-//! The worker's probe listener: a small HTTP server of its own (workers serve no API) for
-//! Kubernetes probes and Prometheus.
+//! The probe listener of the processes that serve no API (`drover worker`, `drover scheduler`):
+//! a small HTTP server of their own for Kubernetes probes and Prometheus.
 //!
 //! - `GET /healthz` — 200 while the process answers. It stays 200 while the worker drains after
 //!   SIGTERM, so a liveness probe never kills a pod that is finishing its jobs.
-//! - `GET /readyz` — 200 when the broker answers a ping within 2 s; 503 when it does not, or once
-//!   the worker is draining (it takes no new jobs then).
+//! - `GET /readyz` — 200 when the broker (and, for the scheduler, the database) answers within
+//!   2 s; 503 when not, or once the process is draining (it takes no new work then).
 //! - `GET /metrics` — the process's Prometheus metrics (`drover_jobs_completed_total`,
-//!   `drover_job_duration_seconds`, `drover_job_wait_seconds`, …), the same exporter the API uses.
+//!   `drover_job_duration_seconds`, `drover_schedule_ticks_total`, …), the same exporter the API
+//!   uses.
 //!
-//! The database is not part of readiness: a slow or down database delays job history, never
-//! jobs (see `schema::history`).
+//! A worker's readiness leaves the database out: a slow or down database delays job history,
+//! never jobs (see `schema::history`). The scheduler cannot fire anything without it (the
+//! schedules live there), so its readiness includes it.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -21,6 +23,7 @@ use poem::{
     listener::{Acceptor, TcpAcceptor},
     web::{Data, Json},
 };
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -30,8 +33,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 struct HealthState {
     broker: Arc<dyn jobs::Producer>,
+    /// Checked by `/readyz` when set (the scheduler's).
+    db: Option<DatabaseConnection>,
     metrics: PrometheusHandle,
-    /// `true` once the worker stopped taking jobs (shutdown requested).
+    /// `true` once the process stopped taking work (shutdown requested).
     draining: watch::Receiver<bool>,
 }
 
@@ -43,23 +48,46 @@ fn healthz() -> Json<serde_json::Value> {
 #[handler]
 async fn readyz(state: Data<&HealthState>) -> Response {
     if *state.draining.borrow() {
-        return not_ready("draining");
+        return not_ready(json!({"broker": "draining"}));
     }
-    match tokio::time::timeout(PROBE_TIMEOUT, state.broker.ping()).await {
-        Ok(Ok(())) => Json(json!({"status": "ready", "checks": {"broker": "ok"}})).into_response(),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "worker readiness: broker unreachable");
-            not_ready("unreachable")
-        }
-        Err(_) => {
-            tracing::warn!(timeout = ?PROBE_TIMEOUT, "worker readiness: broker did not answer");
-            not_ready("no answer within 2000 ms")
-        }
+    let broker = probe(state.broker.ping()).await;
+    let database = match &state.db {
+        Some(db) => Some(probe(async { db.execute_unprepared("SELECT 1").await.map(drop) }).await),
+        None => None,
+    };
+    let mut checks = serde_json::Map::new();
+    checks.insert(
+        "broker".into(),
+        broker.clone().err().unwrap_or_else(|| "ok".into()).into(),
+    );
+    if let Some(database) = &database {
+        checks.insert(
+            "database".into(),
+            database.clone().err().unwrap_or_else(|| "ok".into()).into(),
+        );
+    }
+    if broker.is_ok() && database.as_ref().is_none_or(Result::is_ok) {
+        Json(json!({"status": "ready", "checks": checks})).into_response()
+    } else {
+        tracing::warn!(?checks, "not ready");
+        not_ready(checks.into())
     }
 }
 
-fn not_ready(broker: &str) -> Response {
-    let body = Json(json!({"status": "not ready", "checks": {"broker": broker}}));
+/// `Ok` when `check` answers within [`PROBE_TIMEOUT`]; otherwise what went wrong.
+async fn probe<E: std::fmt::Display>(check: impl Future<Output = Result<(), E>>) -> Result<(), String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "readiness check failed");
+            Err("unreachable".into())
+        }
+        Err(_) => Err("no answer within 2000 ms".into()),
+    }
+}
+
+fn not_ready(checks: serde_json::Value) -> Response {
+    let body = Json(json!({"status": "not ready", "checks": checks}));
     (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
 }
 
@@ -70,21 +98,23 @@ fn metrics(state: Data<&HealthState>) -> String {
 }
 
 /// Serves the probes on an already bound listener until `stop` resolves. `draining` turns
-/// `/readyz` to 503 while running jobs finish.
+/// `/readyz` to 503 while running jobs finish; `db`, when given, is part of readiness.
 pub async fn serve(
     listener: std::net::TcpListener,
     broker: Arc<dyn jobs::Producer>,
+    db: Option<DatabaseConnection>,
     metrics_handle: PrometheusHandle,
     draining: watch::Receiver<bool>,
     stop: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
-    let acceptor = TcpAcceptor::from_std(listener).context("worker health listener")?;
+    let acceptor = TcpAcceptor::from_std(listener).context("health listener")?;
     if let Some(addr) = acceptor.local_addr().first() {
-        tracing::info!(addr = %addr, "worker health endpoint listening");
+        tracing::info!(addr = %addr, "health endpoint listening");
     }
     let state = HealthState {
         broker,
+        db,
         metrics: metrics_handle,
         draining,
     };
@@ -96,5 +126,5 @@ pub async fn serve(
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(routes, stop, Some(Duration::from_secs(1)))
         .await
-        .context("serving the worker health endpoint")
+        .context("serving the health endpoint")
 }

@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use drover::{
     app::{self, Migrations, Stack},
     bench,
-    config::{self, ApiArgs, Connections, RetryArgs, WorkerArgs, WorkerHealthArgs},
+    config::{
+        self, ApiArgs, Connections, RetryArgs, SchedulerArgs, SchedulerHealthArgs, WorkerArgs,
+        WorkerHealthArgs,
+    },
 };
 
 #[global_allocator]
@@ -27,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// API and workers in one process on an embedded SQLite broker and database: no services needed.
+    /// API, workers and the scheduler in one process on an embedded SQLite broker and database:
+    /// no services needed.
     Dev {
         #[command(flatten)]
         conn: Connections,
@@ -35,6 +39,8 @@ enum Command {
         api: ApiArgs,
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        scheduler: SchedulerArgs,
         #[command(flatten)]
         retry: RetryArgs,
     },
@@ -55,6 +61,18 @@ enum Command {
         worker: WorkerArgs,
         #[command(flatten)]
         health: WorkerHealthArgs,
+        #[command(flatten)]
+        retry: RetryArgs,
+    },
+    /// The cron scheduler: enqueues each schedule's job at its ticks until SIGTERM/SIGINT. Run
+    /// any number of replicas; each tick fires once.
+    Scheduler {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(flatten)]
+        scheduler: SchedulerArgs,
+        #[command(flatten)]
+        health: SchedulerHealthArgs,
         #[command(flatten)]
         retry: RetryArgs,
     },
@@ -111,9 +129,12 @@ async fn main() -> anyhow::Result<()> {
             conn,
             api,
             worker,
+            scheduler,
             retry,
         } => {
+            let defaults = config::file(&conn)?.schedules;
             let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Apply).await?;
+            app::seed_schedules(&stack, &defaults).await?;
             let listener = app::bind(&api)?;
             let addr = listener.local_addr()?;
             println!("drover dev is up: http://{addr}  (API docs: http://{addr}/docs)");
@@ -122,12 +143,13 @@ async fn main() -> anyhow::Result<()> {
                 app::shutdown_signal().await;
                 let _ = stop.send(true);
             });
-            let (a, w) = tokio::join!(
+            let (a, w, s) = tokio::join!(
                 app::serve_api(&stack, listener, wait()),
                 app::run_workers(&stack, &worker, workers::Deps::default(), wait()),
+                app::run_scheduler(&stack, &scheduler, wait()),
             );
             stack.close(Duration::from_secs(5)).await;
-            a.and(w)
+            a.and(w).and(s)
         }
         Command::Api { conn, api, retry } => {
             let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
@@ -152,6 +174,19 @@ async fn main() -> anyhow::Result<()> {
                 app::shutdown_signal(),
             )
             .await;
+            stack.close(Duration::from_secs(5)).await;
+            res
+        }
+        Command::Scheduler {
+            conn,
+            scheduler,
+            health,
+            retry,
+        } => {
+            let defaults = config::file(&conn)?.schedules;
+            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+            app::seed_schedules(&stack, &defaults).await?;
+            let res = app::run_scheduler_process(&stack, &scheduler, &health, app::shutdown_signal()).await;
             stack.close(Duration::from_secs(5)).await;
             res
         }

@@ -390,7 +390,7 @@ fn validate(f: Fields, cx: &Context<'_>, errors: &mut Vec<FieldError>) -> Option
 /// serde says `unknown field `x``, `missing field `x``, or (for a wrong value) only where it
 /// stopped; catalog checks say `x: …`. For the last case the field is the key just before the
 /// position, which is exact for the flat payloads of the built-in kinds.
-fn payload_error(raw: &str, reason: &str) -> (String, String) {
+pub(crate) fn payload_error(raw: &str, reason: &str) -> (String, String) {
     let (reason, column) = match reason.rsplit_once(" at line ") {
         Some((head, pos)) => {
             let column = pos

@@ -391,7 +391,7 @@ impl ApiResponse for ApiError {
                 400,
                 "Malformed request: not JSON, or a malformed id or queue name",
             ),
-            (404, "No such job or queue"),
+            (404, "No such job, queue or schedule"),
             (409, "The job can no longer be canceled"),
             (413, "The request body is over the size limit"),
             (415, "The request body is not application/json"),

@@ -1,5 +1,6 @@
-//! drover's HTTP API: the v1 routes (enqueue, look up and cancel jobs; queue depths), health and
-//! readiness probes, Prometheus metrics, the OpenAPI document and its Swagger UI.
+//! drover's HTTP API: the v1 routes (enqueue, look up and cancel jobs; queue depths; cron
+//! schedules), health and readiness probes, Prometheus metrics, the OpenAPI document and its
+//! Swagger UI.
 //!
 //! Handlers are thin: they parse the request, call `jobs` (the broker behind
 //! [`jobs::Producer`], the [`jobs::Catalog`]) or `schema` (history reads), and map the result.
@@ -125,7 +126,7 @@ impl AppState {
 
 fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
     OpenApiService::new(routes::api(state.clone()), "drover", env!("CARGO_PKG_VERSION"))
-        .description("Enqueue, inspect and cancel background jobs; read queue depths.")
+        .description("Enqueue, inspect and cancel background jobs; read queue depths; manage cron schedules.")
 }
 
 /// Every route, with problem+json errors, panic recovery and HTTP metrics.

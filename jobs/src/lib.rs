@@ -5,7 +5,9 @@
 //! - [`broker`]: the Redis, AMQP and SQLite brokers behind one [`broker::Producer`] /
 //!   [`broker::Driver`] interface;
 //! - [`backend`]: the apalis-core `Backend` every broker shares (batched fetch, batched acks,
-//!   graceful release).
+//!   graceful release);
+//! - [`schedule`]: cron schedules — expressions, timezones, job templates and which ticks to
+//!   fire after a gap.
 //!
 //! Depends on `schema` only (for job states and the database AMQP keeps job state in); no
 //! HTTP, no process-level runtime.
@@ -17,6 +19,7 @@ pub mod catalog;
 pub mod job;
 pub mod queue;
 pub mod retry;
+pub mod schedule;
 
 pub use backend::{JobRef, QueueBackend, SettledCount};
 pub use broker::{

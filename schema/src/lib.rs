@@ -2,6 +2,7 @@
 //! history (one row per job in `job`, one per attempt in `job_attempt`). Postgres in production,
 //! a SQLite file for `drover dev`; every query here runs on both. Workers and the API record what
 //! happens to jobs through [`history::HistoryWriter`] and read it back through [`queries`].
+//! Cron schedules and the ticks scheduler replicas claim live in [`schedules`].
 //! This crate depends on no other drover crate.
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,8 @@ pub mod history;
 pub mod migration;
 /// Read queries and the few direct writes the API makes (cancel).
 pub mod queries;
+/// Cron schedules: the API's and config file's writes, and the scheduler replicas' claims.
+pub mod schedules;
 
 use std::time::Duration;
 

@@ -115,11 +115,16 @@ impl Manifests {
 
     /// drover's catalog as configured by the overlay's drover.toml.
     fn catalog(&self) -> (CatalogConfig, Catalog) {
-        let toml_text = text(&self.config_map("drover-files")["data"]["drover.toml"]);
-        let cfg: CatalogConfig = toml::from_str(toml_text)
-            .unwrap_or_else(|e| panic!("{}: drover.toml does not parse: {e}", self.overlay));
+        let cfg = self.file().catalog;
         let catalog = Catalog::new(&cfg);
         (cfg, catalog)
+    }
+
+    /// The overlay's drover.toml, read the way drover reads it.
+    fn file(&self) -> drover::config::FileConfig {
+        let toml_text = text(&self.config_map("drover-files")["data"]["drover.toml"]);
+        drover::config::parse_file(toml_text)
+            .unwrap_or_else(|e| panic!("{}: drover.toml does not parse: {e:#}", self.overlay))
     }
 
     fn workers(&self) -> Vec<WorkerDeployment> {
@@ -371,6 +376,12 @@ impl ScaledObject {
 #[test]
 fn every_overlay_scales_each_worker_family_on_its_own_queues_and_drains_within_its_grace() {
     let mut report = String::new();
+    // The subcommand the scheduler Deployment runs exists in this build.
+    let help = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["scheduler", "--help"])
+        .output()
+        .expect("drover runs");
+    assert!(help.status.success(), "`drover scheduler --help` failed");
     for overlay in OVERLAYS {
         let m = render(overlay);
         let prefix = m.prefix();
@@ -591,6 +602,43 @@ fn every_overlay_scales_each_worker_family_on_its_own_queues_and_drains_within_i
                 .any(|p| Manifests::name(p) == "default-deny"),
             "{overlay}: no default-deny NetworkPolicy"
         );
+
+        // The scheduler: `drover scheduler` with probes on its own listener, more than one
+        // replica (each tick fires once whatever their number), and default schedules the
+        // catalog accepts.
+        let scheduler = m
+            .of_kind("Deployment")
+            .find(|d| Manifests::name(d) == "drover-scheduler")
+            .expect("scheduler Deployment");
+        let c = &scheduler["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"].as_sequence().expect("args").iter().map(text).collect();
+        assert_eq!(args, ["scheduler"], "{overlay}: scheduler args");
+        assert_eq!(
+            text(&c["livenessProbe"]["httpGet"]["path"]),
+            "/healthz",
+            "{overlay}"
+        );
+        assert_eq!(
+            text(&c["readinessProbe"]["httpGet"]["path"]),
+            "/readyz",
+            "{overlay}"
+        );
+        let port = c["ports"]
+            .as_sequence()
+            .and_then(|ports| ports.iter().find(|p| text(&p["name"]) == "health"))
+            .and_then(|p| p["containerPort"].as_u64())
+            .expect("scheduler health port");
+        assert!(
+            m.env()["DROVER_SCHEDULER_LISTEN"].ends_with(&format!(":{port}")),
+            "{overlay}: DROVER_SCHEDULER_LISTEN does not listen on the probes' port"
+        );
+        assert!(
+            scheduler["spec"]["replicas"].as_u64().unwrap_or(1) >= 2,
+            "{overlay}: one scheduler replica is a single point of failure"
+        );
+        for s in &m.file().schedules {
+            s.validate(&catalog).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        }
 
         // Restricted pods, without service account tokens.
         for (what, pod) in m.pod_specs() {

@@ -5,4 +5,6 @@
 mod k8s;
 mod lifecycle;
 mod process;
+/// The cron scheduler: replicas firing each tick once, stranded ticks, missed ticks.
+mod scheduler;
 mod support;

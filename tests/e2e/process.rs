@@ -17,7 +17,7 @@ use crate::support::{
     drop_pg_database, unique,
 };
 
-fn drover() -> Command {
+pub(crate) fn drover() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_drover"));
     c.kill_on_drop(true).env("DROVER_LOG", "warn");
     for (k, _) in std::env::vars() {
@@ -28,7 +28,7 @@ fn drover() -> Command {
     c
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let pid = child.id().expect("running").to_string();
     let ok = std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -5,6 +5,8 @@
 //! [`jobs::RetryPolicy`], job history written off the hot path in batches, a tracing span per
 //! attempt, and a graceful shutdown that lets running jobs finish within a grace period.
 //! [`handlers`] maps job kinds to their handlers; [`families`] holds the handlers themselves.
+//! [`scheduler`] fires the cron schedules stored in the database, exactly once per tick across
+//! any number of replicas.
 //!
 //! Depends on `jobs` and `schema`; never on `api`.
 #![forbid(unsafe_code)]
@@ -13,6 +15,8 @@ pub mod families;
 pub mod handlers;
 pub mod history;
 pub mod runtime;
+pub mod scheduler;
 
 pub use handlers::{Deps, JobError, Pickup, Registry};
 pub use runtime::{WorkerSettings, run};
+pub use scheduler::SchedulerSettings;

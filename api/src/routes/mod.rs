@@ -12,14 +12,22 @@ pub(crate) mod health;
 pub(crate) mod jobs;
 /// `GET /v1/queues`, `GET /v1/queues/{queue}`.
 pub(crate) mod queues;
+/// `GET /v1/schedules`, `GET|PUT|DELETE /v1/schedules/{name}`.
+pub(crate) mod schedules;
 
 /// The whole API, as poem-openapi composes it.
-pub(crate) type Api = (jobs::JobsApi, queues::QueuesApi, health::HealthApi);
+pub(crate) type Api = (
+    jobs::JobsApi,
+    queues::QueuesApi,
+    schedules::SchedulesApi,
+    health::HealthApi,
+);
 
 pub(crate) fn api(state: AppState) -> Api {
     (
         jobs::JobsApi::new(state.clone()),
         queues::QueuesApi::new(state.clone()),
+        schedules::SchedulesApi::new(state.clone()),
         health::HealthApi::new(state),
     )
 }
@@ -30,6 +38,8 @@ pub(crate) enum ApiTags {
     Jobs,
     /// Queue depths and totals (also read by KEDA's metrics-api scaler).
     Queues,
+    /// Cron schedules that enqueue a job at each tick.
+    Schedules,
     /// Liveness, readiness and Prometheus metrics.
     Health,
 }

@@ -6,3 +6,4 @@ mod support;
 mod health;
 mod jobs;
 mod queues;
+mod schedules;

@@ -5,3 +5,7 @@
 pub mod job;
 /// One row per attempt at running a job.
 pub mod job_attempt;
+/// One row per cron schedule (tombstoned, not removed, when deleted).
+pub mod schedule;
+/// One row per tick a scheduler replica claimed, until it is pruned.
+pub mod schedule_tick;

@@ -3,12 +3,16 @@
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261123_000001_job_history;
+mod m20261123_100000_schedules;
 
 /// Every migration this build knows, oldest first.
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261123_000001_job_history::Migration)]
+        vec![
+            Box::new(m20261123_000001_job_history::Migration),
+            Box::new(m20261123_100000_schedules::Migration),
+        ]
     }
 }

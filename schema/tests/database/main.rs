@@ -5,5 +5,6 @@ mod connection;
 mod history;
 mod migrations;
 mod queries;
+mod schedules;
 mod support;
 mod writer;

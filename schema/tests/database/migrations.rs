@@ -1,4 +1,5 @@
 use schema::DbError;
+use sea_orm_migration::MigratorTrait;
 
 use crate::support::{with_empty_databases, with_migrated_databases};
 
@@ -20,11 +21,19 @@ async fn an_empty_database_is_refused_with_the_command_that_fixes_it() {
         let DbError::NotMigrated { pending } = &error else {
             panic!("expected NotMigrated, got {error:?}");
         };
-        assert_eq!(pending, &["m20261123_000001_job_history"]);
+        let all: Vec<String> = schema::migration::Migrator::migrations()
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect();
+        assert_eq!(pending, &all);
+        assert_eq!(pending[0], "m20261123_000001_job_history");
         assert_eq!(
             error.to_string(),
-            "database is not migrated (1 pending migrations: m20261123_000001_job_history); \
-             run `drover migrate`"
+            format!(
+                "database is not migrated ({} pending migrations: {}); run `drover migrate`",
+                all.len(),
+                all.join(", ")
+            )
         );
     })
     .await;
