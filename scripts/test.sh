@@ -26,6 +26,7 @@ command -v pg_ctlcluster >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v rabbitmq-server >/dev/null || need+=(rabbitmq-server)
 command -v kill >/dev/null || need+=(procps)   # the SIGTERM tests signal the real binary
+command -v pg_dump >/dev/null || need+=(postgresql-client)   # the backup tests dump and restore
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
   apt-get update -qq
@@ -36,6 +37,16 @@ fi
 up PostgreSQL 127.0.0.1:5432 'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'
 up Redis 127.0.0.1:6379 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log'
 up RabbitMQ 127.0.0.1:5672 'rabbitmq-server -detached'
+
+# pg_dump refuses a server newer than itself: the backup tests need the client of the
+# server's major version (Debian's pg_wrapper picks it once installed).
+server_major=$(psql -h 127.0.0.1 -U postgres -tAc 'SHOW server_version_num' | awk '{print int($1 / 10000)}')
+dump_major=$(pg_dump --version | awk '{print int($3)}')
+if [ "$dump_major" -lt "$server_major" ]; then
+  say "pg_dump $dump_major is older than the server ($server_major): installing postgresql-client-$server_major"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "postgresql-client-$server_major"
+fi
 
 # The Dockerfile, docker-compose.yml and every k8s/ overlay (no Docker engine, no cluster here).
 ./scripts/check-deploy.sh

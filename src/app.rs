@@ -8,7 +8,9 @@ use jobs::{BrokerOptions, Catalog, Producer};
 use schema::history::{HistoryConfig, HistoryTask, HistoryWriter};
 use sea_orm::DatabaseConnection;
 
-use crate::config::{ApiArgs, Connections, SchedulerArgs, SchedulerHealthArgs, WorkerArgs, WorkerHealthArgs};
+use crate::config::{
+    self, ApiArgs, BackupArgs, Connections, SchedulerArgs, SchedulerHealthArgs, WorkerArgs, WorkerHealthArgs,
+};
 
 /// What every drover process holds: one of each, shared by everything in the process.
 pub struct Stack {
@@ -17,6 +19,9 @@ pub struct Stack {
     pub catalog: Arc<Catalog>,
     pub history: HistoryWriter,
     history_task: HistoryTask,
+    /// The backup family (configuration, store, catalog), once [`Stack::enable_backups`] ran:
+    /// workers run backup jobs with it and the API checks backup targets against it.
+    pub backups: Option<Arc<workers::families::backup::Backups>>,
 }
 
 /// Whether a process may migrate the database itself (`drover dev`) or must find it migrated.
@@ -55,7 +60,41 @@ impl Stack {
             catalog: Arc::new(catalog),
             history,
             history_task,
+            backups: None,
         })
+    }
+
+    /// Reads the backup configuration (`[backup]`, `DROVER_BACKUP_*`) and opens its store;
+    /// a bad configuration stops the process here rather than failing backups later.
+    pub fn enable_backups(&mut self, conn: &Connections, args: &BackupArgs) -> anyhow::Result<()> {
+        let cfg = config::backup_config(conn, args)?;
+        self.enable_backups_with(conn, cfg)
+    }
+
+    /// [`Stack::enable_backups`] with a configuration already read.
+    pub fn enable_backups_with(
+        &mut self,
+        conn: &Connections,
+        cfg: workers::families::backup::BackupConfig,
+    ) -> anyhow::Result<()> {
+        let effective = config::effective_config(conn, &config::catalog_config(conn)?, &cfg);
+        // An attempt stops itself a minute (at most 5 %) before the kind's timeout would drop
+        // it, so that an overrunning backup is still recorded as failed and notified.
+        let timeout = self
+            .catalog
+            .get(jobs::families::backup::RUN)
+            .map_or(Duration::from_secs(6 * 3600), |k| k.timeout);
+        let margin = Duration::from_secs(60).min(timeout / 20);
+        let backups = workers::families::backup::Backups::new(
+            self.db.clone(),
+            cfg,
+            Some(conn.database_url.expose().to_owned()),
+            effective,
+        )
+        .context("backup configuration")?
+        .with_deadline(timeout - margin);
+        self.backups = Some(Arc::new(backups));
+        Ok(())
     }
 
     /// Flushes the job history still in memory (bounded by `timeout`).
@@ -80,6 +119,10 @@ pub async fn serve_api(
         api::install_metrics(),
     )
     .with_history(stack.history.clone());
+    let state = match &stack.backups {
+        Some(b) => state.with_backup_targets(b.targets()),
+        None => state,
+    };
     api::serve(listener, state, shutdown)
         .await
         .context("serving the API")
@@ -99,9 +142,12 @@ fn bind_addr(addr: &str) -> anyhow::Result<std::net::TcpListener> {
 pub async fn run_workers(
     stack: &Stack,
     args: &WorkerArgs,
-    deps: workers::Deps,
+    mut deps: workers::Deps,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if deps.backups.is_none() {
+        deps.backups = stack.backups.clone();
+    }
     // Workers register their metric handles once, at start: the recorder must exist by then.
     api::install_metrics();
     workers::run(

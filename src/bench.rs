@@ -390,6 +390,7 @@ pub async fn worker(args: BenchWorkerArgs) -> anyhow::Result<()> {
         Arc::new(workers::Registry::standard()),
         Arc::new(workers::Deps {
             pickup_probe: Some(probe),
+            ..Default::default()
         }),
         Some(stack.history.clone()),
         settings,

@@ -1,11 +1,13 @@
 //! Settings: `DROVER_*` environment variables and CLI flags (flags win), plus an optional TOML
-//! file (`DROVER_CONFIG`) for per-family retry policies and timeouts and default schedules.
+//! file (`DROVER_CONFIG`) for per-family retry policies and timeouts, default schedules and the
+//! `[backup]` table.
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
 use jobs::{CatalogConfig, QueueName, schedule::ScheduleConfig};
+use workers::families::backup::BackupConfig;
 
 /// A value that must never reach a log: prints as `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -169,6 +171,8 @@ pub struct FileConfig {
     /// `[[schedules]]`: default schedules, inserted at startup by the scheduler when no schedule
     /// of that name exists (see `workers::scheduler::seed`).
     pub schedules: Vec<ScheduleConfig>,
+    /// `[backup]`: targets, store, encryption, retention, webhook.
+    pub backup: BackupConfig,
 }
 
 /// Reads the TOML file named by `--config`/`DROVER_CONFIG` (empty settings without one).
@@ -191,8 +195,16 @@ pub fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
             .context("parsing [[schedules]]")?,
         None => Vec::new(),
     };
+    let backup = match table.remove("backup") {
+        Some(v) => v.try_into::<BackupConfig>().context("in [backup]")?,
+        None => BackupConfig::default(),
+    };
     let catalog = toml::Value::Table(table).try_into::<CatalogConfig>()?;
-    Ok(FileConfig { catalog, schedules })
+    Ok(FileConfig {
+        catalog,
+        schedules,
+        backup,
+    })
 }
 
 /// Builds the job catalog: built-in policies, then the TOML file, then the environment.
@@ -213,4 +225,165 @@ pub fn catalog(conn: &Connections, retry: &RetryArgs) -> anyhow::Result<jobs::Ca
         cfg.default_retry = Some(p);
     }
     Ok(jobs::Catalog::new(&cfg))
+}
+
+/// The backup family's settings from the environment; the rest is `[backup]` in the TOML file.
+#[derive(Args, Clone, Debug, Default)]
+pub struct BackupArgs {
+    /// Where backups go: `file:///path`, a plain path, or `s3://bucket/prefix` (overrides
+    /// `backup.store`).
+    #[arg(long, env = "DROVER_BACKUP_STORE")]
+    pub backup_store: Option<String>,
+    /// age recipients (`age1…`, comma separated) to encrypt backups to (overrides
+    /// `backup.age_recipients`).
+    #[arg(long, env = "DROVER_BACKUP_AGE_RECIPIENT", value_delimiter = ',')]
+    pub backup_age_recipient: Vec<String>,
+    /// File with the age identity that verify and restore decrypt with.
+    #[arg(long, env = "DROVER_BACKUP_AGE_IDENTITY_FILE")]
+    pub backup_age_identity_file: Option<PathBuf>,
+    /// URL notified (JSON POST) when a backup or verify fails for good.
+    #[arg(long, env = "DROVER_BACKUP_WEBHOOK_URL")]
+    pub backup_webhook_url: Option<Secret>,
+}
+
+/// The backup configuration: defaults, then the TOML file's `[backup]`, then the environment.
+pub fn backup_config(conn: &Connections, args: &BackupArgs) -> anyhow::Result<BackupConfig> {
+    let mut cfg = file(conn)?.backup;
+    if let Some(store) = &args.backup_store {
+        cfg.store = store.clone();
+    }
+    if !args.backup_age_recipient.is_empty() {
+        cfg.age_recipients = args.backup_age_recipient.clone();
+    }
+    if let Some(p) = &args.backup_age_identity_file {
+        cfg.age_identity_file = Some(p.clone());
+    }
+    if let Some(url) = &args.backup_webhook_url {
+        cfg.webhook_url = Some(url.expose().to_owned());
+    }
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+/// The schedules a scheduler seeds at start: the config file's `[[schedules]]`, then (with
+/// `backup.schedules`) the backup family's defaults for every configured target, except those
+/// whose name the file already defines.
+pub fn default_schedules(conn: &Connections, backup: &BackupConfig) -> anyhow::Result<Vec<ScheduleConfig>> {
+    let mut out = file(conn)?.schedules;
+    if backup.schedules {
+        let targets = backup.targets(Some(conn.database_url.expose()));
+        let family = jobs::families::backup::default_schedules(targets.iter().map(|(s, t)| (*s, t.as_str())));
+        for s in family {
+            if !out.iter().any(|d| d.name == s.name) {
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// drover's effective configuration as TOML, with every secret replaced: what the `config`
+/// backup source stores. URL passwords become `***`, store options and webhook URLs
+/// `[redacted]`.
+pub fn effective_config(conn: &Connections, catalog: &CatalogConfig, backup: &BackupConfig) -> String {
+    let mut backup = backup.clone();
+    for v in backup.store_options.values_mut() {
+        *v = "[redacted]".into();
+    }
+    if backup.webhook_url.is_some() {
+        backup.webhook_url = Some("[redacted]".into());
+    }
+    for t in &mut backup.postgres {
+        t.url = redact_url(&t.url);
+    }
+    #[derive(serde::Serialize)]
+    struct Effective<'a> {
+        broker_url: String,
+        database_url: String,
+        broker_prefix: &'a str,
+        catalog: &'a CatalogConfig,
+        backup: BackupConfig,
+    }
+    let doc = Effective {
+        broker_url: redact_url(conn.broker_url.expose()),
+        database_url: redact_url(conn.database_url.expose()),
+        broker_prefix: &conn.broker_prefix,
+        catalog,
+        backup,
+    };
+    toml::to_string(&doc)
+        .unwrap_or_else(|e| format!("# the effective configuration could not be rendered: {e}\n"))
+}
+
+/// The TOML file's catalog part (the same [`catalog`] reads), for [`effective_config`].
+pub fn catalog_config(conn: &Connections) -> anyhow::Result<CatalogConfig> {
+    Ok(file(conn)?.catalog)
+}
+
+/// `scheme://user:password@host/…` → `scheme://user:***@host/…`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backup_table_is_read_apart_from_the_catalog() {
+        let FileConfig { catalog, backup, .. } = parse_file(
+            r#"
+            [retry.backups]
+            max_attempts = 2
+            [backup]
+            store = "s3://bucket/drover"
+            [backup.retention]
+            keep_last = 3
+            [[backup.files]]
+            name = "uploads"
+            paths = ["/srv/uploads"]
+            exclude = ["**/*.tmp"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(catalog.retry["backups"].max_attempts, 2);
+        assert_eq!(backup.store, "s3://bucket/drover");
+        assert_eq!(backup.retention.keep_last, 3);
+        assert_eq!(backup.retention.keep_daily, 14);
+        assert_eq!(backup.files[0].exclude, ["**/*.tmp"]);
+        assert!(parse_file("[backup]\nstroe = 1\n").is_err());
+        assert!(parse_file("[retyr]\n").is_err());
+    }
+
+    #[test]
+    fn the_effective_config_carries_no_secret() {
+        let conn = Connections {
+            broker_url: "redis://:hunter2@redis:6379/0".parse().unwrap(),
+            database_url: "postgres://drover:s3cret@db/drover".parse().unwrap(),
+            broker_prefix: "drover".into(),
+            config: None,
+        };
+        let mut backup = BackupConfig::default();
+        backup
+            .store_options
+            .insert("aws_secret_access_key".into(), "AKIASECRET".into());
+        backup.webhook_url = Some("https://hooks.example/T0K3N".into());
+        backup.postgres.push(workers::families::backup::PostgresTarget {
+            name: "app".into(),
+            url: "postgres://app:pa55@db/app".into(),
+        });
+        let text = effective_config(&conn, &CatalogConfig::default(), &backup);
+        for secret in ["hunter2", "s3cret", "AKIASECRET", "T0K3N", "pa55"] {
+            assert!(!text.contains(secret), "{secret} leaked into:\n{text}");
+        }
+        assert!(text.contains("postgres://drover:***@db/drover"), "{text}");
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        assert!(parsed.contains_key("backup"));
+    }
 }

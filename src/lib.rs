@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+/// `drover backup list|verify|restore|run|prune|schedules`.
+pub mod backup;
 pub mod bench;
 pub mod config;
 pub mod health;

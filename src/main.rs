@@ -9,7 +9,7 @@ use drover::{
     app::{self, Migrations, Stack},
     bench,
     config::{
-        self, ApiArgs, Connections, RetryArgs, SchedulerArgs, SchedulerHealthArgs, WorkerArgs,
+        self, ApiArgs, BackupArgs, Connections, RetryArgs, SchedulerArgs, SchedulerHealthArgs, WorkerArgs,
         WorkerHealthArgs,
     },
 };
@@ -43,6 +43,8 @@ enum Command {
         scheduler: SchedulerArgs,
         #[command(flatten)]
         retry: RetryArgs,
+        #[command(flatten)]
+        backup: BackupArgs,
     },
     /// The HTTP API.
     Api {
@@ -52,6 +54,8 @@ enum Command {
         api: ApiArgs,
         #[command(flatten)]
         retry: RetryArgs,
+        #[command(flatten)]
+        backup: BackupArgs,
     },
     /// A worker process: consumes the given queues until SIGTERM/SIGINT.
     Worker {
@@ -63,6 +67,8 @@ enum Command {
         health: WorkerHealthArgs,
         #[command(flatten)]
         retry: RetryArgs,
+        #[command(flatten)]
+        backup: BackupArgs,
     },
     /// The cron scheduler: enqueues each schedule's job at its ticks until SIGTERM/SIGINT. Run
     /// any number of replicas; each tick fires once.
@@ -75,6 +81,9 @@ enum Command {
         health: SchedulerHealthArgs,
         #[command(flatten)]
         retry: RetryArgs,
+        /// The backup targets, whose default schedules it seeds (`backup.schedules`).
+        #[command(flatten)]
+        backup: BackupArgs,
     },
     /// Applies pending database migrations.
     Migrate {
@@ -98,6 +107,15 @@ enum Command {
         /// Run no earlier than this many seconds from now.
         #[arg(long)]
         delay_s: Option<u64>,
+    },
+    /// Backups: list, verify, restore; take or prune one now.
+    Backup {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(flatten)]
+        backup: BackupArgs,
+        #[command(subcommand)]
+        command: drover::backup::BackupCommand,
     },
     /// The queue benchmark (../shared/bench/WORKLOAD.md) on one broker: prints a `RESULT` line.
     Bench(bench::BenchArgs),
@@ -131,9 +149,12 @@ async fn main() -> anyhow::Result<()> {
             worker,
             scheduler,
             retry,
+            backup,
         } => {
-            let defaults = config::file(&conn)?.schedules;
-            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Apply).await?;
+            let backup = config::backup_config(&conn, &backup)?;
+            let defaults = config::default_schedules(&conn, &backup)?;
+            let mut stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Apply).await?;
+            stack.enable_backups_with(&conn, backup)?;
             app::seed_schedules(&stack, &defaults).await?;
             let listener = app::bind(&api)?;
             let addr = listener.local_addr()?;
@@ -151,8 +172,15 @@ async fn main() -> anyhow::Result<()> {
             stack.close(Duration::from_secs(5)).await;
             a.and(w).and(s)
         }
-        Command::Api { conn, api, retry } => {
-            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+        Command::Api {
+            conn,
+            api,
+            retry,
+            backup,
+        } => {
+            let mut stack =
+                Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+            stack.enable_backups(&conn, &backup)?;
             let listener = app::bind(&api)?;
             tracing::info!(addr = %listener.local_addr()?, "API listening");
             let res = app::serve_api(&stack, listener, app::shutdown_signal()).await;
@@ -164,8 +192,11 @@ async fn main() -> anyhow::Result<()> {
             worker,
             health,
             retry,
+            backup,
         } => {
-            let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+            let mut stack =
+                Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
+            stack.enable_backups(&conn, &backup)?;
             let res = app::run_worker_process(
                 &stack,
                 &worker,
@@ -182,8 +213,9 @@ async fn main() -> anyhow::Result<()> {
             scheduler,
             health,
             retry,
+            backup,
         } => {
-            let defaults = config::file(&conn)?.schedules;
+            let defaults = config::default_schedules(&conn, &config::backup_config(&conn, &backup)?)?;
             let stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
             app::seed_schedules(&stack, &defaults).await?;
             let res = app::run_scheduler_process(&stack, &scheduler, &health, app::shutdown_signal()).await;
@@ -244,6 +276,11 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", res.id);
             Ok(())
         }
+        Command::Backup {
+            conn,
+            backup,
+            command,
+        } => drover::backup::run(conn, backup, command).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchWorker(args) => bench::worker(args).await,
     }

@@ -90,6 +90,8 @@ pub struct AppState {
     /// Renders `/metrics`; from [`install_metrics`].
     pub metrics: PrometheusHandle,
     pub config: ApiConfig,
+    /// The configured backup targets; when known, `POST /v1/backups` refuses other names.
+    pub backup_targets: Option<Arc<Vec<(jobs::families::backup::Source, String)>>>,
 }
 
 impl AppState {
@@ -110,11 +112,17 @@ impl AppState {
             history: None,
             metrics,
             config: ApiConfig::default(),
+            backup_targets: None,
         }
     }
 
     pub fn with_history(mut self, history: schema::history::HistoryWriter) -> Self {
         self.history = Some(history);
+        self
+    }
+
+    pub fn with_backup_targets(mut self, targets: Vec<(jobs::families::backup::Source, String)>) -> Self {
+        self.backup_targets = Some(Arc::new(targets));
         self
     }
 

@@ -42,15 +42,20 @@ pub struct KindSpec {
     pub retry: RetryPolicy,
     /// Hard limit of one attempt; the worker drops the attempt's future when it passes.
     pub timeout: Duration,
-    validate: fn(&RawValue) -> Result<(), String>,
+    pub(crate) validate: fn(&RawValue) -> Result<(), String>,
 }
 
-fn decode<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<T, String> {
+/// A validator for kinds whose payload needs no check beyond decoding.
+pub(crate) fn check<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<(), String> {
+    decode::<T>(raw).map(drop)
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<T, String> {
     serde_json::from_str(raw.get()).map_err(|e| e.to_string())
 }
 
 fn builtin() -> Vec<KindSpec> {
-    vec![
+    let mut kinds = vec![
         KindSpec {
             name: "noop",
             queue: "noop",
@@ -71,7 +76,9 @@ fn builtin() -> Vec<KindSpec> {
                 Ok(())
             },
         },
-    ]
+    ];
+    kinds.extend(crate::families::backup::kinds());
+    kinds
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -1,6 +1,7 @@
 //! drover's job catalog and queue backends.
 //!
 //! - [`catalog`]: every job kind, its typed payload, queue, retry policy and timeout;
+//! - [`families`]: the job families' kinds (payloads, queues, policies);
 //! - [`job`]: the envelope brokers store and workers receive, and attempt outcomes;
 //! - [`broker`]: the Redis, AMQP and SQLite brokers behind one [`broker::Producer`] /
 //!   [`broker::Driver`] interface;
@@ -16,6 +17,7 @@
 pub mod backend;
 pub mod broker;
 pub mod catalog;
+pub mod families;
 pub mod job;
 pub mod queue;
 pub mod retry;

@@ -6,6 +6,8 @@
 //! This crate depends on no other drover crate.
 #![forbid(unsafe_code)]
 
+/// The backup catalog: rows the backup workers write and the API, CLI and prune read.
+pub mod backups;
 /// The tables as sea-orm entities: persistence only, no domain rules.
 pub mod entity;
 /// Recording job events: the event types, the batched upsert and the background writer.

@@ -1,6 +1,8 @@
 //! End-to-end tests: the composed drover against real Redis, RabbitMQ, Postgres and SQLite.
 //! Each test owns its database and broker namespace, so they run in parallel.
 
+/// Backups through the API, the workers and the CLI: retries, the dead set, the webhook.
+mod backups;
 /// The Kubernetes manifests (k8s/) against the code: KEDA triggers, scaling, drain periods.
 mod k8s;
 mod lifecycle;

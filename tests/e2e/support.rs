@@ -38,6 +38,8 @@ pub(crate) struct Options {
     /// Broker namespace; default: a unique one. Only with a `broker_url` of the test's own
     /// (a Redis database or RabbitMQ vhost no one else uses), since cleanup deletes it.
     pub(crate) prefix: Option<String>,
+    /// Runs backup jobs with this configuration.
+    pub(crate) backup: Option<workers::families::backup::BackupConfig>,
 }
 
 impl Default for Options {
@@ -48,12 +50,15 @@ impl Default for Options {
             queues: vec!["noop", "default"],
             broker_url: None,
             prefix: None,
+            backup: None,
         }
     }
 }
 
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
+    /// The database URL the app records history (and backups) in.
+    pub(crate) database_url: String,
     pub(crate) http: reqwest::Client,
     pub(crate) broker: Broker,
     pub(crate) broker_url: String,
@@ -142,9 +147,14 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         default_retry: opts.retry.clone(),
         ..Default::default()
     };
-    let stack = Stack::connect(&conn, jobs::Catalog::new(&catalog_cfg), Migrations::Apply)
+    let mut stack = Stack::connect(&conn, jobs::Catalog::new(&catalog_cfg), Migrations::Apply)
         .await
         .expect("connect the stack");
+    if let Some(cfg) = opts.backup.clone() {
+        stack
+            .enable_backups_with(&conn, cfg)
+            .expect("backup configuration");
+    }
     let stack = Arc::new(stack);
     let listener = app::bind(&ApiArgs {
         listen: "127.0.0.1:0".into(),
@@ -172,6 +182,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         let stack = stack.clone();
         let deps = workers::Deps {
             pickup_probe: Some(probe),
+            ..Default::default()
         };
         tasks.push(tokio::spawn(async move {
             app::run_workers(&stack, &worker_args, deps, wait()).await
@@ -179,6 +190,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
     }
     TestApp {
         addr,
+        database_url: db_url,
         http: reqwest::Client::new(),
         broker,
         broker_url,

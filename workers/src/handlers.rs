@@ -39,6 +39,9 @@ pub struct Deps {
     /// Receives a [`Pickup`] from every `noop` job carrying `enqueued_at_us`; the benchmark
     /// and the latency tests listen here.
     pub pickup_probe: Option<mpsc::UnboundedSender<Pickup>>,
+    /// The backup family's configuration, store and catalog; `None` fails backup jobs
+    /// permanently ("no backup configuration").
+    pub backups: Option<Arc<crate::families::backup::Backups>>,
 }
 
 /// When a probed job was enqueued and when its handler started (epoch µs, realtime clock).
@@ -73,6 +76,13 @@ impl Registry {
         handlers.insert("sleep", |job, deps| {
             Box::pin(crate::families::builtin::sleep(job, deps))
         });
+        {
+            use crate::families::backup;
+            use jobs::families::backup as kinds;
+            handlers.insert(kinds::RUN, |job, deps| Box::pin(backup::run(job, deps)));
+            handlers.insert(kinds::VERIFY, |job, deps| Box::pin(backup::verify(job, deps)));
+            handlers.insert(kinds::PRUNE, |job, deps| Box::pin(backup::prune(job, deps)));
+        }
         Self { handlers }
     }
 

@@ -57,16 +57,7 @@ impl JobsApi {
             None => enqueue::single(body.value()?, &cx)
                 .map_err(|errors| ApiError::Invalid { errors, batch: false })?,
         };
-        let event = self.state.history.as_ref().map(|_| prepared.enqueued_event());
-        let (queue, kind) = (prepared.job.queue.clone(), prepared.job.kind.clone());
-        let span = tracing::info_span!("push", job.id = %prepared.job.id, job.kind = %kind, %queue);
-        let enqueued = self.state.broker.push(prepared.job).instrument(span).await?;
-        if !enqueued.duplicate {
-            metrics::job_enqueued(queue.as_str(), &kind);
-            if let (Some(history), Some(event)) = (&self.state.history, event) {
-                history.record(event);
-            }
-        }
+        let enqueued = push(&self.state, prepared).await?;
         let status_url = status_url(enqueued.id);
         Ok(EnqueueResponse::Accepted(
             Json(Accepted {
@@ -215,6 +206,22 @@ impl JobsApi {
 
 fn parse_job_id(id: &str) -> Result<JobId, ApiError> {
     JobId::parse(id).ok_or_else(|| ApiError::InvalidJobId(id.to_owned()))
+}
+
+/// Pushes one validated job to the broker; once the broker has it (and it is not a duplicate
+/// of an earlier idempotency key), counts it and records its enqueue in the history.
+pub(crate) async fn push(state: &AppState, prepared: enqueue::Prepared) -> Result<jobs::Enqueued, ApiError> {
+    let event = state.history.as_ref().map(|_| prepared.enqueued_event());
+    let (queue, kind) = (prepared.job.queue.clone(), prepared.job.kind.clone());
+    let span = tracing::info_span!("push", job.id = %prepared.job.id, job.kind = %kind, %queue);
+    let enqueued = state.broker.push(prepared.job).instrument(span).await?;
+    if !enqueued.duplicate {
+        metrics::job_enqueued(queue.as_str(), &kind);
+        if let (Some(history), Some(event)) = (&state.history, event) {
+            history.record(event);
+        }
+    }
+    Ok(enqueued)
 }
 
 fn status_url(id: JobId) -> String {

@@ -6,6 +6,8 @@ use poem_openapi::Tags;
 
 use crate::AppState;
 
+/// `GET /v1/backups`, `GET /v1/backups/{id}`, `POST /v1/backups`.
+pub(crate) mod backups;
 /// `GET /healthz`, `GET /readyz`, `GET /metrics`.
 pub(crate) mod health;
 /// `POST /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
@@ -20,6 +22,7 @@ pub(crate) type Api = (
     jobs::JobsApi,
     queues::QueuesApi,
     schedules::SchedulesApi,
+    backups::BackupsApi,
     health::HealthApi,
 );
 
@@ -28,6 +31,7 @@ pub(crate) fn api(state: AppState) -> Api {
         jobs::JobsApi::new(state.clone()),
         queues::QueuesApi::new(state.clone()),
         schedules::SchedulesApi::new(state.clone()),
+        backups::BackupsApi::new(state.clone()),
         health::HealthApi::new(state),
     )
 }
@@ -40,6 +44,8 @@ pub(crate) enum ApiTags {
     Queues,
     /// Cron schedules that enqueue a job at each tick.
     Schedules,
+    /// Backups: the catalog, and taking one now.
+    Backups,
     /// Liveness, readiness and Prometheus metrics.
     Health,
 }

@@ -79,7 +79,7 @@ impl SchedulesApi {
         name: Path<String>,
         body: JsonBody<ScheduleRequest>,
     ) -> Result<PutResponse, ApiError> {
-        let (write, cron) = validate(&name, body.value, &self.state.catalog)
+        let (write, cron) = validate(&name, body.value()?, &self.state.catalog)
             .map_err(|errors| ApiError::Invalid { errors, batch: false })?;
         let now = Utc::now();
         let put = schedules::put(&self.state.db, &write, cron.next_after(now), now)

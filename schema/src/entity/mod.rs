@@ -1,6 +1,8 @@
 //! One module per table. Statuses and outcomes are plain strings here; their meaning lives in
 //! [`crate::history::JobState`] and [`crate::history::AttemptOutcome`].
 
+/// One row per backup: where its object is, how big, its digest and status.
+pub mod backup;
 /// One row per job: its latest known state.
 pub mod job;
 /// One row per attempt at running a job.

@@ -4,6 +4,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 mod m20261123_000001_job_history;
 mod m20261123_100000_schedules;
+mod m20261123_110000_backups;
 
 /// Every migration this build knows, oldest first.
 pub struct Migrator;
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_job_history::Migration),
             Box::new(m20261123_100000_schedules::Migration),
+            Box::new(m20261123_110000_backups::Migration),
         ]
     }
 }
