@@ -148,6 +148,7 @@ pub async fn run_workers(
     if deps.backups.is_none() {
         deps.backups = stack.backups.clone();
     }
+    deps.chaos_drills |= args.chaos_drills;
     // Workers register their metric handles once, at start: the recorder must exist by then.
     api::install_metrics();
     workers::run(

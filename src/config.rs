@@ -76,6 +76,10 @@ pub struct WorkerArgs {
     /// Seconds running jobs get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "DROVER_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// Let `sleep` jobs with `"crash": "abort"` abort this process (chaos drills: poison-pill
+    /// quarantine, crash recovery). Off in production: without it such a job fails for good.
+    #[arg(long, env = "DROVER_CHAOS_DRILLS")]
+    pub chaos_drills: bool,
 }
 
 /// The worker's probe listener (`drover worker` only; `drover dev` serves probes on the API).
@@ -359,6 +363,56 @@ mod tests {
         assert_eq!(backup.files[0].exclude, ["**/*.tmp"]);
         assert!(parse_file("[backup]\nstroe = 1\n").is_err());
         assert!(parse_file("[retyr]\n").is_err());
+    }
+
+    #[test]
+    fn the_backup_family_adds_its_default_schedules_unless_the_file_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [[schedules]]
+            name = "backup-prune"
+            cron = "0 0 6 * * *"
+            job = { kind = "backup.prune" }
+            "#,
+        )
+        .unwrap();
+        let conn = Connections {
+            broker_url: "redis://127.0.0.1/0".parse().unwrap(),
+            database_url: "postgres://drover@db/drover".parse().unwrap(),
+            broker_prefix: "drover".into(),
+            config: Some(path),
+        };
+        let mut backup = BackupConfig::default();
+        backup.files.push(workers::families::backup::FilesTarget {
+            name: "uploads".into(),
+            paths: vec!["/srv/uploads".into()],
+            include: vec![],
+            exclude: vec![],
+        });
+        let names = |s: &[ScheduleConfig]| {
+            s.iter()
+                .map(|s| (s.name.clone(), s.cron.clone()))
+                .collect::<Vec<_>>()
+        };
+        let all = default_schedules(&conn, &backup).unwrap();
+        assert_eq!(
+            names(&all),
+            [
+                ("backup-prune".to_owned(), "0 0 6 * * *".to_owned()),
+                ("backup-postgres-drover".to_owned(), "0 0 2 * * *".to_owned()),
+                ("backup-files-uploads".to_owned(), "0 0 3 * * Sun".to_owned()),
+                ("backup-config-drover".to_owned(), "0 0 4 * * *".to_owned()),
+            ]
+        );
+        let catalog = jobs::Catalog::default();
+        for s in &all {
+            s.validate(&catalog).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        }
+        backup.schedules = false;
+        assert_eq!(names(&default_schedules(&conn, &backup).unwrap()).len(), 1);
     }
 
     #[test]

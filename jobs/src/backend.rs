@@ -22,6 +22,7 @@ use apalis_core::{
     worker::context::WorkerContext,
 };
 use futures::future::BoxFuture;
+use schema::history::HistoryWriter;
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -29,7 +30,7 @@ use tokio::{
 use tower::{Layer, Service};
 
 use crate::{
-    broker::{BrokerError, ConsumerConfig, Driver},
+    broker::{BrokerError, ConsumerConfig, Driver, HISTORY_WAIT},
     job::{AttemptOutcome, Job, JobId, Outcome, Settlement, now_ms},
     queue::QueueName,
 };
@@ -124,6 +125,7 @@ impl QueueBackend {
             stop_rx,
             held.clone(),
             cfg.settled.clone(),
+            cfg.history.clone(),
         ));
         Self {
             queue,
@@ -259,20 +261,27 @@ async fn renew_loop(driver: Arc<dyn Driver>, mut stop: watch::Receiver<bool>, he
     }
 }
 
+/// Most settlements taken into one batch: while a batch waits for the history, the next one
+/// accumulates, so a busy worker's batches are as large as its rate × the history's cadence.
+const SETTLE_BATCH: usize = 16_384;
+/// Most settlements per broker call (one script's arguments stay within Lua's limits).
+const SETTLE_CHUNK: usize = 1024;
+
 async fn settle_loop(
     driver: Arc<dyn Driver>,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     mut stop: watch::Receiver<bool>,
     held: Held,
     settled: SettledCount,
+    history: Option<HistoryWriter>,
 ) {
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::with_capacity(SETTLE_CHUNK);
     loop {
         // `stop` comes from `poll_close`, which apalis calls only after every running attempt
         // has finished and sent its settlement: what is in the channel then is the last of it.
         // (The senders themselves live in the worker's service until after the close.)
         let closing = tokio::select! {
-            n = rx.recv_many(&mut buf, 1024) => n == 0,
+            n = rx.recv_many(&mut buf, SETTLE_BATCH) => n == 0,
             res = stop.changed() => {
                 if res.is_ok() && !*stop.borrow() { continue }
                 while let Ok(s) = rx.try_recv() {
@@ -283,23 +292,30 @@ async fn settle_loop(
         };
         if !buf.is_empty() {
             let batch = std::mem::take(&mut buf);
-            // A settlement is never dropped: a lost ack would rerun the job, a lost retry or
-            // dead-set move would lose the job's fate. Keep trying.
-            if retry_forever(
-                "settle",
-                || driver.settle(&batch),
-                Duration::from_secs(u64::MAX / 4),
-            )
-            .await
-            .is_ok()
-            {
+            // The attempts' history first (see `ConsumerConfig::history`); settlements keep
+            // arriving meanwhile and make the next batch.
+            if let Some(h) = &history {
+                let _ = tokio::time::timeout(HISTORY_WAIT, h.written()).await;
+            }
+            for chunk in batch.chunks(SETTLE_CHUNK) {
+                // A settlement is never dropped: a lost ack would rerun the job, a lost retry
+                // or dead-set move would lose the job's fate. Keep trying.
+                if retry_forever(
+                    "settle",
+                    || driver.settle(chunk),
+                    Duration::from_secs(u64::MAX / 4),
+                )
+                .await
+                .is_ok()
                 {
-                    let mut held = held.lock().expect("held set poisoned");
-                    for s in &batch {
-                        held.remove(&s.job.id);
+                    {
+                        let mut held = held.lock().expect("held set poisoned");
+                        for s in chunk {
+                            held.remove(&s.job.id);
+                        }
                     }
+                    settled.add(chunk.len());
                 }
-                settled.add(batch.len());
             }
         }
         if closing {

@@ -29,6 +29,21 @@ pub struct Sleep {
     /// Fail every attempt (to exercise the dead set).
     #[serde(default)]
     pub always_fail: bool,
+    /// Crash after the sleep instead of returning: drills of panic capture, crash recovery
+    /// and poison-pill quarantine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<Crash>,
+}
+
+/// How a `sleep` job crashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Crash {
+    /// The handler panics (the worker catches it: a failed attempt).
+    Panic,
+    /// The worker process aborts, as a segfault or an OOM kill would end it. Only in workers
+    /// started with `DROVER_CHAOS_DRILLS`; elsewhere the job fails for good.
+    Abort,
 }
 
 /// The longest `sleep` accepted: one hour.

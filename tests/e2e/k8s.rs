@@ -215,6 +215,7 @@ impl WorkerDeployment {
             prefetch: self.prefetch,
             lease_s: 30,
             shutdown_grace_s: self.shutdown_grace_s,
+            chaos_drills: false,
         }
     }
 }
@@ -802,6 +803,7 @@ async fn every_redis_scaled_object_reads_a_key_the_api_and_workers_fill() {
         prefetch: 1,
         lease_s: 30,
         shutdown_grace_s: 10,
+        chaos_drills: false,
     });
     let start = Instant::now();
     loop {

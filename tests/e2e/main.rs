@@ -3,6 +3,8 @@
 
 /// Backups through the API, the workers and the CLI: retries, the dead set, the webhook.
 mod backups;
+/// Fault drills: workers killed with SIGKILL mid-run.
+mod faults;
 /// The Kubernetes manifests (k8s/) against the code: KEDA triggers, scaling, drain periods.
 mod k8s;
 mod lifecycle;

@@ -169,6 +169,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         prefetch: 100,
         lease_s: 30,
         shutdown_grace_s: 10,
+        chaos_drills: false,
     };
     let mut tasks = Vec::new();
     {

@@ -42,6 +42,8 @@ pub struct Deps {
     /// The backup family's configuration, store and catalog; `None` fails backup jobs
     /// permanently ("no backup configuration").
     pub backups: Option<Arc<crate::families::backup::Backups>>,
+    /// Whether `sleep` jobs may abort this process (`DROVER_CHAOS_DRILLS`).
+    pub chaos_drills: bool,
 }
 
 /// When a probed job was enqueued and when its handler started (epoch µs, realtime clock).

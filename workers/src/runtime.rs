@@ -99,6 +99,7 @@ pub async fn run(
             prefetch: settings.prefetch,
             lease: settings.lease,
             settled: settings.settled.clone(),
+            history: history.clone(),
             ..ConsumerConfig::default()
         };
         let driver = broker

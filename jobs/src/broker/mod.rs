@@ -109,7 +109,16 @@ pub struct ConsumerConfig {
     pub block: Duration,
     /// Counts attempts whose outcome the broker has recorded (shared by a process's workers).
     pub settled: crate::backend::SettledCount,
+    /// The job history the attempts are recorded in. Settlements wait (up to [`HISTORY_WAIT`])
+    /// until the attempts' events are written, so that a worker dying between the broker's
+    /// acknowledgement and the history write cannot leave a job the broker has forgotten
+    /// without its outcome in the history. A failing database is not waited for.
+    pub history: Option<schema::history::HistoryWriter>,
 }
+
+/// Longest a batch of settlements waits for the history (see [`ConsumerConfig::history`]);
+/// leases are renewed meanwhile.
+pub const HISTORY_WAIT: Duration = Duration::from_secs(5);
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
@@ -119,6 +128,7 @@ impl Default for ConsumerConfig {
             lease: Duration::from_secs(30),
             block: Duration::from_secs(1),
             settled: Default::default(),
+            history: None,
         }
     }
 }

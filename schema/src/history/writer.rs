@@ -6,7 +6,7 @@
 //! current batch and retries with backoff; new events wait in the queue until it is full.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
@@ -51,6 +51,9 @@ enum Command {
     Record(HistoryEvent),
     /// Write everything received so far, then answer.
     Flush(oneshot::Sender<()>),
+    /// Answer once everything received so far is written, at the usual cadence (no forced
+    /// write), or at once when a write fails.
+    Written(oneshot::Sender<()>),
 }
 
 /// A cheap, cloneable handle for recording job events. See the module docs.
@@ -71,6 +74,8 @@ pub struct HistoryTask {
 #[derive(Debug)]
 struct Shared {
     dropped: AtomicU64,
+    /// Set while writes fail (the database is away), cleared by the next write that succeeds.
+    failing: AtomicBool,
     /// Events the task holds but has not written yet.
     unflushed: AtomicUsize,
     /// Milliseconds after `started` before which no drop warning is logged.
@@ -85,6 +90,7 @@ impl HistoryWriter {
         let (stop, stop_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
             dropped: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
             unflushed: AtomicUsize::new(0),
             quiet_until_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -93,6 +99,7 @@ impl HistoryWriter {
             db,
             rx,
             buffer: Vec::new(),
+            waiting: Vec::new(),
             max_batch: cfg.max_batch.max(1),
             stop: Some(stop_rx),
             deadline: None,
@@ -130,6 +137,27 @@ impl HistoryWriter {
     pub fn lag(&self) -> usize {
         let queued = self.tx.max_capacity() - self.tx.capacity();
         queued + self.shared.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once every event recorded before this call is in the database, without
+    /// forcing a write: within about one flush interval while the database answers. Resolves
+    /// at once while writes are failing, when the queue is full, or after shutdown: callers use
+    /// it to order their own work after the history's (a worker acknowledges attempts only once
+    /// their events are stored, so a crash between the two cannot lose the history of a job the
+    /// broker has forgotten), never to wait for a database that is away.
+    pub async fn written(&self) {
+        if self.shared.failing.load(Ordering::Relaxed) {
+            return;
+        }
+        let (done, written) = oneshot::channel();
+        if self.tx.try_send(Command::Written(done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    /// Whether the last write failed (the database is away or refusing the batch).
+    pub fn failing(&self) -> bool {
+        self.shared.failing.load(Ordering::Relaxed)
     }
 
     /// Waits until every event recorded before this call is written (for as long as that takes
@@ -181,6 +209,8 @@ struct Flusher {
     db: DatabaseConnection,
     rx: mpsc::Receiver<Command>,
     buffer: Vec<HistoryEvent>,
+    /// `written()` callers waiting for the buffer to be written.
+    waiting: Vec<oneshot::Sender<()>>,
     max_batch: usize,
     /// Fires with the shutdown deadline; `None` once received or once the `HistoryTask` is gone.
     stop: Option<oneshot::Receiver<Instant>>,
@@ -240,6 +270,21 @@ impl Flusher {
                 let _ = done.send(());
                 written
             }
+            Command::Written(done) => {
+                if self.buffer.is_empty() {
+                    let _ = done.send(());
+                } else {
+                    self.waiting.push(done);
+                }
+                true
+            }
+        }
+    }
+
+    /// Answers every `written()` caller (the buffer was written, or a write failed).
+    fn release_waiting(&mut self) {
+        for done in self.waiting.drain(..) {
+            let _ = done.send(());
         }
     }
 
@@ -256,8 +301,12 @@ impl Flusher {
                 Ok(()) => {
                     self.buffer.clear();
                     self.shared.unflushed.store(0, Ordering::Relaxed);
+                    self.shared.failing.store(false, Ordering::Relaxed);
+                    self.release_waiting();
                 }
                 Err(error) => {
+                    self.shared.failing.store(true, Ordering::Relaxed);
+                    self.release_waiting();
                     tracing::warn!(
                         error = &error as &dyn std::error::Error,
                         events = self.buffer.len(),
@@ -278,6 +327,7 @@ impl Flusher {
     /// Takes no more events and writes the ones already queued; returns how many it could not.
     async fn drain(mut self) -> usize {
         self.rx.close();
+        self.release_waiting();
         while let Some(command) = self.rx.recv().await {
             if !self.handle(command).await {
                 return self.abandon().await;

@@ -85,3 +85,33 @@ async fn shutdown_writes_what_is_left_before_returning() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn written_waits_for_the_next_write_and_does_not_wait_for_a_failing_database() {
+    with_empty_databases(|db| async move {
+        // No tables yet: the first write fails. `written` must not wait for the database.
+        let cfg = HistoryConfig {
+            flush_interval: Duration::from_millis(100),
+            ..HistoryConfig::default()
+        };
+        let (writer, task) = HistoryWriter::spawn(db.clone(), cfg);
+        writer.record(enqueued(Uuid::now_v7(), t(0)));
+        tokio::time::timeout(Duration::from_secs(2), writer.written())
+            .await
+            .expect("written() waited for a database that refuses every write");
+        eventually("the writer reports its failing writes", || writer.failing()).await;
+
+        schema::migrate(&db).await.expect("migrate");
+        writer.flush().await;
+        assert!(!writer.failing());
+        // Once writes succeed, `written` returns only when the events before it are stored,
+        // at the writer's own cadence (no forced write).
+        for i in 1..=30 {
+            writer.record(enqueued(Uuid::now_v7(), t(i)));
+        }
+        writer.written().await;
+        assert_eq!(job_count(&db).await, 31);
+        assert_eq!(task.shutdown(Duration::from_secs(5)).await, 0);
+    })
+    .await;
+}

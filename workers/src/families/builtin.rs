@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use jobs::{
     Job,
-    catalog::{Noop, Sleep},
+    catalog::{Crash, Noop, Sleep},
 };
 
 use crate::handlers::{Deps, JobError, Pickup, payload};
@@ -24,11 +24,25 @@ pub async fn noop(job: Arc<Job>, deps: Arc<Deps>) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Waits `ms`; fails while `attempt <= fail_first` (or always, with `always_fail`).
-pub async fn sleep(job: Arc<Job>, _deps: Arc<Deps>) -> Result<(), JobError> {
+/// Waits `ms`; then crashes if asked to, or fails while `attempt <= fail_first` (or always,
+/// with `always_fail`).
+pub async fn sleep(job: Arc<Job>, deps: Arc<Deps>) -> Result<(), JobError> {
     let p: Sleep = payload(&job)?;
     if p.ms > 0 {
         tokio::time::sleep(Duration::from_millis(p.ms)).await;
+    }
+    match p.crash {
+        None => {}
+        Some(Crash::Panic) => panic!("sleep: crashing as asked (attempt {})", job.attempt),
+        Some(Crash::Abort) if deps.chaos_drills => {
+            tracing::error!(job.id = %job.id, "sleep: aborting the worker process as asked (chaos drill)");
+            std::process::abort();
+        }
+        Some(Crash::Abort) => {
+            return Err(JobError::permanent(
+                "sleep: \"crash\": \"abort\" needs a worker started with DROVER_CHAOS_DRILLS",
+            ));
+        }
     }
     if p.always_fail {
         return Err(JobError::retryable(format!(

@@ -1,0 +1,214 @@
+//! Fault drills against the real binary: workers killed with SIGKILL while they hold jobs.
+//!
+//! Bounded in count and time, loopback only. `DROVER_TEST_FAULT_JOBS` changes the job count
+//! (default 100,000, the reliability issue's figure).
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use jobs::{BrokerOptions, Job, JobId, QueueName, job::now_ms};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use tokio::process::Child;
+
+use crate::{
+    process::drover,
+    support::{
+        AMQP_URL, Broker, REDIS_URL, create_pg_database, delete_amqp_prefix, delete_redis_prefix,
+        drop_pg_database, unique,
+    },
+};
+
+fn sigkill(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -KILL {pid} failed");
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql.to_owned()))
+        .await
+        .unwrap()
+        .expect("a row");
+    row.try_get_by_index::<i64>(0).unwrap()
+}
+
+/// Every job reaches `succeeded` although one of 4 workers is SIGKILLed every 2 s (and
+/// replaced): the jobs it held come back after their lease. Re-runs are allowed (at least
+/// once) and reported.
+async fn jobs_survive_a_worker_killed_every_two_seconds(broker: Broker) {
+    let total: usize = std::env::var("DROVER_TEST_FAULT_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let prefix = unique("fault");
+    let (pg_name, db_url) = create_pg_database().await;
+    let broker_url = match broker {
+        Broker::Redis => REDIS_URL,
+        Broker::Amqp => AMQP_URL,
+        Broker::Sqlite => unreachable!("the drill needs a shared broker"),
+    };
+    let env = [
+        ("DROVER_BROKER_URL", broker_url),
+        ("DROVER_DATABASE_URL", db_url.as_str()),
+        ("DROVER_BROKER_PREFIX", prefix.as_str()),
+        // A killed worker's jobs come back after 2 s.
+        ("DROVER_LEASE_S", "2"),
+    ];
+    let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
+    assert!(migrated.success(), "drover migrate failed");
+    let db = schema::connect(&db_url).await.unwrap();
+    let producer = jobs::broker::connect(
+        broker_url,
+        BrokerOptions {
+            prefix: prefix.clone(),
+            db: db.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let queue = QueueName::parse("default").unwrap();
+
+    // 20 ms jobs: 4 workers × 50 slots drain them in total / 10,000 s when nobody dies.
+    let payload = serde_json::value::RawValue::from_string(r#"{"ms":20}"#.into()).unwrap();
+    let ids: Vec<JobId> = (0..total).map(|_| JobId::new()).collect();
+    for chunk in ids.chunks(5_000) {
+        let batch = chunk
+            .iter()
+            .map(|id| Job {
+                id: *id,
+                queue: queue.clone(),
+                kind: "sleep".into(),
+                payload: payload.clone(),
+                max_attempts: 5,
+                priority: 0,
+                enqueued_at_ms: now_ms(),
+                run_at_ms: None,
+                trace_id: None,
+                idempotency_key: None,
+                attempt: 0,
+                receipt: 0,
+            })
+            .collect();
+        producer.push_batch(batch).await.unwrap();
+    }
+
+    let spawn = || {
+        drover()
+            .args(["worker", "--queues", "default", "--concurrency", "50"])
+            .envs(env)
+            .spawn()
+            .unwrap()
+    };
+    let mut workers: Vec<Child> = (0..4).map(|_| spawn()).collect();
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut next_kill = Instant::now() + Duration::from_secs(2);
+    let drained = loop {
+        let s = producer.stats(&queue).await.unwrap();
+        if s.pending + s.scheduled + s.running == 0 {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not drained after 10 min ({kills} kills): {s:?}"
+        );
+        if Instant::now() >= next_kill {
+            let victim = kills % workers.len();
+            sigkill(&workers[victim]);
+            let _ = workers[victim].wait().await;
+            workers[victim] = spawn();
+            kills += 1;
+            next_kill += Duration::from_secs(2);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let drain_s = started.elapsed().as_secs_f64();
+    for w in &workers {
+        crate::process::sigterm(w);
+    }
+    for w in &mut workers {
+        let status = tokio::time::timeout(Duration::from_secs(30), w.wait())
+            .await
+            .expect("a worker did not stop within 30 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "a worker exited with {status}");
+    }
+    assert_eq!(drained.dead, 0, "jobs went dead: {drained:?}");
+    assert!(
+        kills >= 3,
+        "the drill ended before 3 kills ({drain_s:.1} s): raise the job count"
+    );
+
+    // The history (written in batches, off the jobs' path) catches up: every job succeeded.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let by_status = loop {
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT status, count(*) FROM job GROUP BY status".to_owned(),
+            ))
+            .await
+            .unwrap();
+        let by_status: HashMap<String, i64> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index::<String>(0).unwrap(),
+                    r.try_get_by_index::<i64>(1).unwrap(),
+                )
+            })
+            .collect();
+        if by_status.get("succeeded").copied() == Some(total as i64) || Instant::now() > deadline {
+            break by_status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let attempts = count(&db, "SELECT count(*) FROM job_attempt").await;
+    let rerun = count(
+        &db,
+        "SELECT count(*) FROM (SELECT job_id FROM job_attempt GROUP BY job_id HAVING count(*) > 1) t",
+    )
+    .await;
+    let succeeded_twice = count(
+        &db,
+        "SELECT count(*) FROM (SELECT job_id FROM job_attempt WHERE outcome = 'succeeded' \
+         GROUP BY job_id HAVING count(*) > 1) t",
+    )
+    .await;
+    println!(
+        "FAULT broker={broker:?} jobs={total} kills={kills} drain_s={drain_s:.1} \
+         attempts={attempts} jobs_run_more_than_once={rerun} jobs_succeeded_more_than_once={succeeded_twice} \
+         history={by_status:?}"
+    );
+    assert_eq!(
+        by_status.get("succeeded").copied(),
+        Some(total as i64),
+        "not every job succeeded: {by_status:?}"
+    );
+
+    drop(producer);
+    match broker {
+        Broker::Redis => delete_redis_prefix(broker_url, &prefix).await,
+        Broker::Amqp => delete_amqp_prefix(broker_url, &prefix).await,
+        Broker::Sqlite => {}
+    }
+    db.close().await.ok();
+    drop_pg_database(&pg_name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_loses_no_job_when_a_worker_is_killed_every_two_seconds() {
+    jobs_survive_a_worker_killed_every_two_seconds(Broker::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_loses_no_job_when_a_worker_is_killed_every_two_seconds() {
+    jobs_survive_a_worker_killed_every_two_seconds(Broker::Amqp).await;
+}
