@@ -191,6 +191,98 @@ async fn a_pending_job_can_be_canceled_and_never_runs(broker: Broker) {
     app.shutdown().await;
 }
 
+/// The attempt's future is dropped at the kind's timeout: a 10 s sleep under a 300 ms timeout
+/// ends each attempt within about 300 ms, is retried, and ends dead with both attempts
+/// recorded as timed out.
+async fn a_job_that_sleeps_past_its_timeout_is_stopped_and_retried(broker: Broker) {
+    let app = spawn_app(
+        broker,
+        Options {
+            retry: Some(RetryPolicy {
+                initial_ms: 100,
+                multiplier: 2.0,
+                max_delay_ms: 1_000,
+                max_attempts: 2,
+                jitter: 0.0,
+            }),
+            timeout_ms: vec![("sleep", 300)],
+            ..Default::default()
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let id = app.enqueue("sleep", json!({"ms": 10_000})).await;
+    let job = app
+        .wait_job(&id, Duration::from_secs(20), |j| {
+            j["status"] == "dead" && j["attempt_history"].as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "two timed-out attempts took {elapsed:?}"
+    );
+    let ms = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a timestamp"))
+            .unwrap()
+            .timestamp_millis()
+    };
+    for a in job["attempt_history"].as_array().unwrap() {
+        assert_eq!(a["outcome"], "timed_out", "{job}");
+        let took = ms(&a["finished_at"]) - ms(&a["started_at"]);
+        assert!(
+            (290..2_000).contains(&took),
+            "an attempt ran {took} ms under a 300 ms timeout: {job}"
+        );
+    }
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out after 300 ms"),
+        "{job}"
+    );
+    app.shutdown().await;
+}
+
+/// A panicking handler fails its attempt (the worker survives) and is retried like any failure.
+async fn a_job_that_panics_fails_its_attempt_and_the_worker_carries_on(broker: Broker) {
+    let app = spawn_app(
+        broker,
+        Options {
+            retry: Some(RetryPolicy {
+                initial_ms: 50,
+                multiplier: 2.0,
+                max_delay_ms: 1_000,
+                max_attempts: 2,
+                jitter: 0.0,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = app.enqueue("sleep", json!({"ms": 0, "crash": "panic"})).await;
+    let job = app
+        .wait_job(&id, Duration::from_secs(20), |j| {
+            j["status"] == "dead" && j["attempt_history"].as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    for a in job["attempt_history"].as_array().unwrap() {
+        assert_eq!(a["outcome"], "panicked", "{job}");
+    }
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("panicked: sleep: crashing as asked"),
+        "{job}"
+    );
+    // The same worker still runs jobs.
+    let ok = app.enqueue("sleep", json!({"ms": 0})).await;
+    app.wait_all_succeeded(&[ok], Duration::from_secs(10)).await;
+    app.shutdown().await;
+}
+
 macro_rules! for_each_broker {
     ($($test:ident),* $(,)?) => {
         mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(crate::support::Broker::Redis).await } )* }
@@ -205,4 +297,6 @@ for_each_broker!(
     a_job_that_always_fails_ends_dead_after_max_attempts_and_is_counted,
     an_idle_worker_picks_up_a_new_job_without_a_polling_delay,
     a_pending_job_can_be_canceled_and_never_runs,
+    a_job_that_sleeps_past_its_timeout_is_stopped_and_retried,
+    a_job_that_panics_fails_its_attempt_and_the_worker_carries_on,
 );

@@ -40,6 +40,8 @@ pub(crate) struct Options {
     pub(crate) prefix: Option<String>,
     /// Runs backup jobs with this configuration.
     pub(crate) backup: Option<workers::families::backup::BackupConfig>,
+    /// Per-kind (or queue) attempt timeouts, as `[timeout_ms]` in the config file sets them.
+    pub(crate) timeout_ms: Vec<(&'static str, u64)>,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             broker_url: None,
             prefix: None,
             backup: None,
+            timeout_ms: Vec::new(),
         }
     }
 }
@@ -145,6 +148,11 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
     };
     let catalog_cfg = CatalogConfig {
         default_retry: opts.retry.clone(),
+        timeout_ms: opts
+            .timeout_ms
+            .iter()
+            .map(|(k, ms)| (k.to_string(), *ms))
+            .collect(),
         ..Default::default()
     };
     let mut stack = Stack::connect(&conn, jobs::Catalog::new(&catalog_cfg), Migrations::Apply)
