@@ -319,7 +319,7 @@ async fn accepted_jobs_survive_a_broker_restart(mut broker: Box<dyn OwnBroker>) 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = tally.lock().unwrap().accepted.len();
     let outage = Instant::now();
-    let mut broker = tokio::task::spawn_blocking(move || {
+    let broker = tokio::task::spawn_blocking(move || {
         broker.stop();
         std::thread::sleep(Duration::from_secs(3));
         broker.start();
