@@ -22,6 +22,8 @@ pub struct Stack {
     /// The backup family (configuration, store, catalog), once [`Stack::enable_backups`] ran:
     /// workers run backup jobs with it and the API checks backup targets against it.
     pub backups: Option<Arc<workers::families::backup::Backups>>,
+    /// The `[[limits]]` of this process's workers, with their shared state.
+    pub limits: Option<Arc<jobs::limits::Limiter>>,
 }
 
 /// Whether a process may migrate the database itself (`drover dev`) or must find it migrated.
@@ -61,7 +63,35 @@ impl Stack {
             history,
             history_task,
             backups: None,
+            limits: None,
         })
+    }
+
+    /// Opens the store of the config file's `[[limits]]`: `limits_url`, else the broker's
+    /// Redis, else this process (with a warning: the limits then hold per process).
+    pub async fn enable_limits(
+        &mut self,
+        conn: &Connections,
+        limits_url: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let rules = config::file(conn)?.limits;
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let broker = conn.broker_url.expose();
+        let redis_url = limits_url.or_else(|| broker.starts_with("redis").then_some(broker));
+        let limiter = match redis_url {
+            Some(url) => jobs::limits::Limiter::redis(rules, url, &conn.broker_prefix).await,
+            None => {
+                tracing::warn!(
+                    "[[limits]] hold for this process only: set DROVER_LIMITS_URL to a Redis shared by every replica"
+                );
+                jobs::limits::Limiter::local(rules)
+            }
+        }
+        .map_err(anyhow::Error::msg)?;
+        self.limits = Some(Arc::new(limiter));
+        Ok(())
     }
 
     /// Reads the backup configuration (`[backup]`, `DROVER_BACKUP_*`) and opens its store;
@@ -157,7 +187,10 @@ pub async fn run_workers(
         Arc::new(workers::Registry::standard()),
         Arc::new(deps),
         Some(stack.history.clone()),
-        args.settings()?,
+        workers::WorkerSettings {
+            limits: stack.limits.clone(),
+            ..args.settings()?
+        },
         shutdown,
     )
     .await

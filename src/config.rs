@@ -80,6 +80,10 @@ pub struct WorkerArgs {
     /// quarantine, crash recovery). Off in production: without it such a job fails for good.
     #[arg(long, env = "DROVER_CHAOS_DRILLS")]
     pub chaos_drills: bool,
+    /// Redis that holds the state of `[[limits]]` for every replica (default: the broker's
+    /// Redis; without either, limits hold per process only).
+    #[arg(long, env = "DROVER_LIMITS_URL")]
+    pub limits_url: Option<Secret>,
 }
 
 /// The worker's probe listener (`drover worker` only; `drover dev` serves probes on the API).
@@ -177,6 +181,8 @@ pub struct FileConfig {
     pub schedules: Vec<ScheduleConfig>,
     /// `[backup]`: targets, store, encryption, retention, webhook.
     pub backup: BackupConfig,
+    /// `[[limits]]`: rate and concurrency limits of queues and kinds (see `jobs::limits`).
+    pub limits: Vec<jobs::limits::LimitRule>,
 }
 
 /// Reads the TOML file named by `--config`/`DROVER_CONFIG` (empty settings without one).
@@ -203,11 +209,23 @@ pub fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
         Some(v) => v.try_into::<BackupConfig>().context("in [backup]")?,
         None => BackupConfig::default(),
     };
+    let limits = match table.remove("limits") {
+        Some(v) => v
+            .try_into::<Vec<jobs::limits::LimitRule>>()
+            .context("parsing [[limits]]")?,
+        None => Vec::new(),
+    };
+    for l in &limits {
+        l.validate()
+            .map_err(anyhow::Error::msg)
+            .context("in [[limits]]")?;
+    }
     let catalog = toml::Value::Table(table).try_into::<CatalogConfig>()?;
     Ok(FileConfig {
         catalog,
         schedules,
         backup,
+        limits,
     })
 }
 

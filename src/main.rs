@@ -155,6 +155,9 @@ async fn main() -> anyhow::Result<()> {
             let defaults = config::default_schedules(&conn, &backup)?;
             let mut stack = Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Apply).await?;
             stack.enable_backups_with(&conn, backup)?;
+            stack
+                .enable_limits(&conn, worker.limits_url.as_ref().map(|u| u.expose()))
+                .await?;
             app::seed_schedules(&stack, &defaults).await?;
             let listener = app::bind(&api)?;
             let addr = listener.local_addr()?;
@@ -197,6 +200,9 @@ async fn main() -> anyhow::Result<()> {
             let mut stack =
                 Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
             stack.enable_backups(&conn, &backup)?;
+            stack
+                .enable_limits(&conn, worker.limits_url.as_ref().map(|u| u.expose()))
+                .await?;
             let res = app::run_worker_process(
                 &stack,
                 &worker,

@@ -33,6 +33,10 @@ pub struct Sleep {
     /// and poison-pill quarantine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash: Option<Crash>,
+    /// A free label (a tenant, say) that `[[limits]]` with `key = "tag"` split by: drills of
+    /// per-key limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// How a `sleep` job crashes.

@@ -7,6 +7,7 @@
 //!   [`broker::Driver`] interface;
 //! - [`backend`]: the apalis-core `Backend` every broker shares (batched fetch, batched acks,
 //!   graceful release);
+//! - [`limits`]: rate and concurrency limits shared by every worker replica;
 //! - [`schedule`]: cron schedules — expressions, timezones, job templates and which ticks to
 //!   fire after a gap.
 //!
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod catalog;
 pub mod families;
 pub mod job;
+pub mod limits;
 pub mod queue;
 pub mod retry;
 pub mod schedule;

@@ -216,6 +216,7 @@ impl WorkerDeployment {
             lease_s: 30,
             shutdown_grace_s: self.shutdown_grace_s,
             chaos_drills: false,
+            limits_url: None,
         }
     }
 }
@@ -804,6 +805,7 @@ async fn every_redis_scaled_object_reads_a_key_the_api_and_workers_fill() {
         lease_s: 30,
         shutdown_grace_s: 10,
         chaos_drills: false,
+        limits_url: None,
     });
     let start = Instant::now();
     loop {

@@ -8,6 +8,8 @@ mod faults;
 /// The Kubernetes manifests (k8s/) against the code: KEDA triggers, scaling, drain periods.
 mod k8s;
 mod lifecycle;
+/// `[[limits]]` held across worker processes.
+mod limits;
 /// Broker restarts mid-run, on broker instances of the tests' own.
 mod outages;
 mod process;

@@ -178,6 +178,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         lease_s: 30,
         shutdown_grace_s: 10,
         chaos_drills: false,
+        limits_url: None,
     };
     let mut tasks = Vec::new();
     {

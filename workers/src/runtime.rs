@@ -20,7 +20,7 @@ use apalis_core::{error::BoxDynError, monitor::Monitor, task::Task, worker::buil
 use futures::{FutureExt, future::BoxFuture};
 use jobs::{
     Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName, job::AttemptOutcome,
-    job::now_ms,
+    job::now_ms, limits::Limiter,
 };
 use schema::history::HistoryWriter;
 use tracing::Instrument;
@@ -46,6 +46,8 @@ pub struct WorkerSettings {
     pub name: String,
     /// Attempts settled with the broker by this process's workers.
     pub settled: jobs::SettledCount,
+    /// Rate and concurrency limits every attempt waits for before its handler starts.
+    pub limits: Option<Arc<Limiter>>,
 }
 
 impl Default for WorkerSettings {
@@ -61,6 +63,7 @@ impl Default for WorkerSettings {
             shutdown_grace: Duration::from_secs(30),
             name: default_name(),
             settled: Default::default(),
+            limits: None,
         }
     }
 }
@@ -113,6 +116,7 @@ pub async fn run(
             history: history.clone(),
             worker: worker.clone(),
             metrics: Arc::new(QueueMetrics::new(queue, registry.kinds())),
+            limits: settings.limits.clone().filter(|l| !l.is_empty()),
         };
         let queue = queue.clone();
         let concurrency = settings.concurrency.max(1);
@@ -145,6 +149,7 @@ pub struct AttemptService {
     history: Option<HistoryWriter>,
     worker: Arc<str>,
     metrics: Arc<QueueMetrics>,
+    limits: Option<Arc<Limiter>>,
 }
 
 /// One queue's metric handles, registered once: looking a metric up by its labels on every
@@ -228,6 +233,14 @@ impl tower::Service<Task<JobRef>> for AttemptService {
 
 impl AttemptService {
     async fn attempt(&self, job: JobRef) -> Outcome {
+        // Waiting for a limit is not part of the attempt: its timeout starts after.
+        let permit = match &self.limits {
+            Some(l) => Some(
+                l.acquire(&job, self.timeout(&job) + Duration::from_secs(60))
+                    .await,
+            ),
+            None => None,
+        };
         let started = now_ms();
         if let Some(h) = &self.history {
             history::started(h, &job, &self.worker, started);
@@ -259,7 +272,16 @@ impl AttemptService {
         if let Some(h) = &self.history {
             history::finished(h, &job, &self.worker, started, finished, &outcome);
         }
+        if let Some(p) = permit {
+            p.release().await;
+        }
         outcome
+    }
+
+    fn timeout(&self, job: &Job) -> Duration {
+        self.catalog
+            .get(&job.kind)
+            .map_or(Duration::from_secs(300), |k| k.timeout)
     }
 
     /// Runs the handler under the kind's timeout, with panics turned into failures.
@@ -270,10 +292,7 @@ impl AttemptService {
                 JobError::permanent(format!("no handler for kind {:?} in this worker", job.kind)),
             ));
         };
-        let timeout = self
-            .catalog
-            .get(&job.kind)
-            .map_or(Duration::from_secs(300), |k| k.timeout);
+        let timeout = self.timeout(job);
         let run = AssertUnwindSafe(handler(job.clone(), self.deps.clone())).catch_unwind();
         match tokio::time::timeout(timeout, run).await {
             Err(_) => Err((
