@@ -79,7 +79,13 @@ impl Stack {
             return Ok(());
         }
         let broker = conn.broker_url.expose();
-        let redis_url = limits_url.or_else(|| broker.starts_with("redis").then_some(broker));
+        let plain_redis = broker.starts_with("redis://") || broker.starts_with("rediss://");
+        if limits_url.is_none() && broker.contains("+cluster://") {
+            // The limits' scripts speak to one Redis node; a cluster connection is not built
+            // for them yet, and limits silently held per process would not be limits.
+            anyhow::bail!("[[limits]] on Redis Cluster need DROVER_LIMITS_URL: a standalone Redis every worker reaches");
+        }
+        let redis_url = limits_url.or_else(|| plain_redis.then_some(broker));
         let limiter = match redis_url {
             Some(url) => jobs::limits::Limiter::redis(rules, url, &conn.broker_prefix).await,
             None => {
