@@ -52,7 +52,7 @@ mod security;
 mod trace;
 
 pub use crate::{
-    auth::{MetricsAuth, Role},
+    auth::{Access, MetricsAuth, Role},
     error::{ApiError, FieldError, Problem},
     metrics::install_metrics,
     ratelimit::{Rate, RateLimiter, RateLimits},
@@ -199,7 +199,7 @@ fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
 pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'static {
     let service = openapi_service(&state);
     let original = service.spec();
-    let spec = security::spec_with_auth(&original);
+    let spec = security::spec_with_auth(&original, state.config.metrics_auth);
     let docs = security::docs_endpoint(service.swagger_ui_html(), &original, &spec);
     let labels = metrics::RouteLabels::from_api::<routes::Api>();
     let guard = auth::Guard::new::<routes::Api>(&state);

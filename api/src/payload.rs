@@ -165,7 +165,7 @@ mod tests {
         let ok = format!("{}{}", "[".repeat(32), "]".repeat(32));
         assert!(check_shape(ok.as_bytes(), 32, 100).is_ok());
         assert!(check_shape(br#"{"a": "[[[[[[,,,,,\"[[["}"#, 2, 2).is_ok());
-        assert!(check_shape(br#"{"a": 1, "b": 2, "c": 3}"#, 2, 3).is_err());
-        assert!(check_shape(br#"{"a": 1, "b": 2, "c": 3}"#, 2, 4).is_ok());
+        assert!(check_shape(br#"{"a": 1, "b": 2, "c": 3}"#, 2, 2).is_err());
+        assert!(check_shape(br#"{"a": 1, "b": 2, "c": 3}"#, 2, 3).is_ok());
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     ApiError,
-    auth::{self, Access},
+    auth::{self, Access, MetricsAuth},
 };
 
 /// Content-Security-Policy of HTML pages. The Swagger UI (and the dashboard) ship their scripts
@@ -80,7 +80,7 @@ pub(crate) fn cors(origins: &[String]) -> Option<Cors> {
 
 /// The OpenAPI document with the `bearer` security scheme, required by every operation whose
 /// rule needs a key.
-pub(crate) fn spec_with_auth(spec: &str) -> String {
+pub(crate) fn spec_with_auth(spec: &str, metrics: MetricsAuth) -> String {
     let Ok(mut doc) = serde_json::from_str::<Value>(spec) else {
         return spec.to_owned();
     };
@@ -97,7 +97,8 @@ pub(crate) fn spec_with_auth(spec: &str) -> String {
                     .and_then(Value::as_str)
                     .and_then(auth::rule)
                     .unwrap_or(Access::Role(auth::Role::Admin));
-                if access != Access::Open {
+                let open = access == Access::Open || (access == Access::Metrics && metrics == MetricsAuth::Open);
+                if !open {
                     op.insert("security".to_owned(), json!([{ "bearer": [] }]));
                 }
             }

@@ -13,8 +13,8 @@ use tokio::{
 };
 
 use crate::support::{
-    AMQP_URL, Broker, REDIS_URL, create_pg_database, delete_amqp_prefix, delete_redis_prefix,
-    drop_pg_database, unique,
+    AMQP_URL, Broker, REDIS_URL, authorized_client, create_pg_database, delete_amqp_prefix,
+    delete_redis_prefix, drop_pg_database, unique,
 };
 
 pub(crate) fn drover() -> Command {
@@ -26,6 +26,31 @@ pub(crate) fn drover() -> Command {
         }
     }
     c
+}
+
+/// Reads what `drover dev` prints at start, as a user would: its URL, and the admin key it
+/// creates on a database without keys (shown once).
+pub(crate) async fn dev_banner(dev: &mut Child) -> (String, String) {
+    let mut lines = BufReader::new(dev.stdout.take().expect("stdout piped")).lines();
+    let (mut base, mut key) = (None, None);
+    while base.is_none() || key.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("drover dev printed its URL and key")
+            .unwrap()
+            .expect("a line");
+        for word in line.split_whitespace() {
+            if word.starts_with("http://") && base.is_none() {
+                base = Some(word.to_owned());
+            }
+            if let Some(k) = word.strip_prefix("DROVER_KEY=") {
+                key = Some(k.to_owned());
+            }
+        }
+    }
+    // Keep draining stdout so that the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (base.unwrap(), key.unwrap())
 }
 
 pub(crate) fn sigterm(child: &Child) {
@@ -195,19 +220,17 @@ async fn drover_dev_runs_a_job_with_no_external_service() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+    let (base, key) = dev_banner(&mut dev).await;
+    // The docs hold no data: no key needed; every route under /v1 needs one.
+    let docs = reqwest::get(format!("{base}/docs")).await.unwrap();
+    let anonymous = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"kind": "noop", "payload": {}}))
+        .send()
         .await
-        .expect("drover dev printed its URL")
-        .unwrap()
-        .expect("a line");
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("a URL")
-        .to_owned();
-    let http = reqwest::Client::new();
-    let docs = http.get(format!("{base}/docs")).send().await.unwrap();
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let http = authorized_client(&key);
     assert_eq!(docs.status().as_u16(), 200);
     assert!(docs.text().await.unwrap().to_lowercase().contains("swagger"));
     let res: serde_json::Value = http
