@@ -121,7 +121,12 @@ impl ApiSecurityArgs {
                     Some(self.rate_limit_auth_failures_burst),
                 ),
             },
-            cors_origins: self.cors_origins.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect(),
+            cors_origins: self
+                .cors_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             request_timeout: Duration::from_secs(self.request_timeout_s.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_s.max(1)),
             ..Default::default()

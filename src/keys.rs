@@ -79,7 +79,10 @@ pub async fn run(conn: Connections, command: KeysCommand) -> anyhow::Result<()> 
             eprintln!(
                 "created {role} key {} ({name}), {}; it is shown only now:",
                 new.row.id,
-                expires_at.map_or_else(|| "never expires".to_owned(), |t| format!("expires {}", t.to_rfc3339()))
+                expires_at.map_or_else(
+                    || "never expires".to_owned(),
+                    |t| format!("expires {}", t.to_rfc3339())
+                )
             );
             println!("{}", new.key.expose());
         }
@@ -87,7 +90,10 @@ pub async fn run(conn: Connections, command: KeysCommand) -> anyhow::Result<()> 
             let now = Utc::now();
             let rows = schema::keys::list(&db).await?;
             if !json {
-                println!("{:<12}  {:<8}  {:<8}  {:<20}  {:<20}  {:<20}  name", "id", "role", "status", "created", "last used", "expires");
+                println!(
+                    "{:<12}  {:<8}  {:<8}  {:<20}  {:<20}  {:<20}  name",
+                    "id", "role", "status", "created", "last used", "expires"
+                );
             }
             for k in rows {
                 let status = if k.revoked_at.is_some() {
@@ -97,7 +103,9 @@ pub async fn run(conn: Connections, command: KeysCommand) -> anyhow::Result<()> 
                 } else {
                     "active"
                 };
-                let time = |t: Option<chrono::DateTime<Utc>>| t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+                let time = |t: Option<chrono::DateTime<Utc>>| {
+                    t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                };
                 if json {
                     println!(
                         "{}",
@@ -122,7 +130,9 @@ pub async fn run(conn: Connections, command: KeysCommand) -> anyhow::Result<()> 
             }
         }
         KeysCommand::Revoke { id } => {
-            let id = id.strip_prefix("drv_").map_or(id.as_str(), |rest| rest.split('_').next().unwrap_or(rest));
+            let id = id
+                .strip_prefix("drv_")
+                .map_or(id.as_str(), |rest| rest.split('_').next().unwrap_or(rest));
             if schema::keys::revoke(&db, id, Utc::now()).await? {
                 eprintln!("revoked key {id}");
             } else if schema::keys::get(&db, id).await?.is_some() {

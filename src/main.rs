@@ -173,7 +173,9 @@ async fn main() -> anyhow::Result<()> {
                     "admin API key (shown only this once; more with `drover keys create`):\n  export DROVER_KEY={}",
                     key.expose()
                 ),
-                None => println!("API keys: the database has some already (`drover keys list`, `drover keys create`)"),
+                None => println!(
+                    "API keys: the database has some already (`drover keys list`, `drover keys create`)"
+                ),
             }
             let (stop, wait) = app::broadcast_shutdown();
             tokio::spawn(async move {

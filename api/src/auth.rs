@@ -248,10 +248,12 @@ pub async fn create_key(
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn unhex(s: &str) -> Option<[u8; 32]> {
@@ -374,7 +376,9 @@ impl KeyCache {
             };
             Some(stored)
         });
-        let touched = cached.as_ref().map_or(0, |e| e.touched_ms.load(Ordering::Relaxed));
+        let touched = cached
+            .as_ref()
+            .map_or(0, |e| e.touched_ms.load(Ordering::Relaxed));
         let entry = Arc::new(CacheEntry {
             fetched: Instant::now(),
             key,
@@ -484,7 +488,10 @@ pub(crate) struct GuardEndpoint<E> {
 }
 
 fn is_mutating(method: &Method) -> bool {
-    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 impl<E: Endpoint<Output = Response>> Endpoint for GuardEndpoint<E> {

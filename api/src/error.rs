@@ -231,7 +231,10 @@ impl std::fmt::Display for AuthFailure {
         match self {
             AuthFailure::Unauthenticated(r) => f.write_str(crate::auth::refusal_detail(*r)),
             AuthFailure::Forbidden { role, needed } => {
-                write!(f, "this route needs an {needed} key or better; this key is a {role} key")
+                write!(
+                    f,
+                    "this route needs an {needed} key or better; this key is a {role} key"
+                )
             }
         }
     }
@@ -455,10 +458,7 @@ impl ApiResponse for ApiError {
                 400,
                 "Malformed request: not JSON, or a malformed id or queue name",
             ),
-            (
-                401,
-                "No API key, or a malformed, unknown, revoked or expired one",
-            ),
+            (401, "No API key, or a malformed, unknown, revoked or expired one"),
             (403, "The API key's role may not call this route"),
             (404, "No such job, queue or schedule"),
             (409, "The job can no longer be canceled"),
@@ -468,10 +468,7 @@ impl ApiResponse for ApiError {
                 422,
                 "The request is well-formed JSON but invalid; `errors` lists each field",
             ),
-            (
-                429,
-                "Over a rate limit; retry after `Retry-After` seconds",
-            ),
+            (429, "Over a rate limit; retry after `Retry-After` seconds"),
             (500, "Internal error (details are logged, not shown)"),
             (
                 503,

@@ -253,7 +253,9 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(local.run(std::slice::from_ref(&b), false), None);
         }
-        let wait = local.run(std::slice::from_ref(&b), false).expect("the burst is spent");
+        let wait = local
+            .run(std::slice::from_ref(&b), false)
+            .expect("the burst is spent");
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
         // A dry run and a refused request charge nothing.
         assert!(local.run(std::slice::from_ref(&b), true).is_some());
@@ -265,8 +267,20 @@ mod tests {
     #[test]
     fn a_request_refused_by_one_bucket_charges_none() {
         let mut local = LocalBuckets::default();
-        let roomy = Bucket::key("a", Rate { per_second: 1.0, burst: 5 });
-        let tight = Bucket::ip(None, Rate { per_second: 1.0, burst: 1 });
+        let roomy = Bucket::key(
+            "a",
+            Rate {
+                per_second: 1.0,
+                burst: 5,
+            },
+        );
+        let tight = Bucket::ip(
+            None,
+            Rate {
+                per_second: 1.0,
+                burst: 1,
+            },
+        );
         assert_eq!(local.run(&[roomy.clone(), tight.clone()], false), None);
         assert!(local.run(&[roomy.clone(), tight], false).is_some());
         // `roomy` was charged once, not twice: four more fit.

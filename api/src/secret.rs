@@ -43,7 +43,10 @@ mod tests {
     #[test]
     fn a_secret_never_prints_its_value() {
         let s = Secret::new("drv_0123_hunter2");
-        assert_eq!(format!("{s} {s:?} {:?}", Some(&s)), "[redacted] [redacted] Some([redacted])");
+        assert_eq!(
+            format!("{s} {s:?} {:?}", Some(&s)),
+            "[redacted] [redacted] Some([redacted])"
+        );
         assert_eq!(s.expose(), "drv_0123_hunter2");
     }
 }

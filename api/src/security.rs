@@ -32,13 +32,19 @@ pub(crate) async fn headers<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Resu
         Err(e) => e.into_response(),
     };
     let h = resp.headers_mut();
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     let html = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/html"));
     if html {
-        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(HTML_CSP));
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(HTML_CSP),
+        );
         h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
         h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
         h.insert(
@@ -51,7 +57,11 @@ pub(crate) async fn headers<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Resu
 
 /// Middleware (with `around`): a request that takes longer than `limit` to answer (a client
 /// trickling its body in, for one) is answered 408 and its connection freed.
-pub(crate) async fn deadline<E: Endpoint>(ep: Arc<E>, req: Request, limit: Duration) -> poem::Result<Response> {
+pub(crate) async fn deadline<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    limit: Duration,
+) -> poem::Result<Response> {
     match tokio::time::timeout(limit, ep.call(req)).await {
         Ok(result) => result.map(IntoResponse::into_response),
         Err(_) => Err(ApiError::Http {
@@ -97,7 +107,8 @@ pub(crate) fn spec_with_auth(spec: &str, metrics: MetricsAuth) -> String {
                     .and_then(Value::as_str)
                     .and_then(auth::rule)
                     .unwrap_or(Access::Role(auth::Role::Admin));
-                let open = access == Access::Open || (access == Access::Metrics && metrics == MetricsAuth::Open);
+                let open =
+                    access == Access::Open || (access == Access::Metrics && metrics == MetricsAuth::Open);
                 if !open {
                     op.insert("security".to_owned(), json!([{ "bearer": [] }]));
                 }

@@ -50,7 +50,9 @@ impl BatchSink for AuditEntry {
                 client_ip: Set(e.client_ip.clone()),
                 ..Default::default()
             });
-            audit_log::Entity::insert_many(rows).exec_without_returning(db).await?;
+            audit_log::Entity::insert_many(rows)
+                .exec_without_returning(db)
+                .await?;
         }
         // The log line goes out once the row is written (or at least tried): the writer task
         // emits it, so a request never formats or writes a log line for its audit.

@@ -57,8 +57,6 @@ impl Default for Options {
 
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
-    /// An admin key of the app's database; [`TestApp::http`] sends it with every request.
-    pub(crate) admin_key: String,
     /// The database URL the app records history (and backups) in.
     pub(crate) database_url: String,
     pub(crate) http: reqwest::Client,
@@ -209,8 +207,8 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
     }
     TestApp {
         addr,
+        // An admin key of the app's database, sent with every request.
         http: authorized_client(admin_key.expose()),
-        admin_key: admin_key.expose().to_owned(),
         database_url: db_url,
         broker,
         broker_url,

@@ -89,7 +89,11 @@ fn job_request() -> impl Strategy<Value = Value> {
         "[0-9T:Z+-]{0,25}".prop_map(Value::String),
         any_json(),
     ];
-    let priority = prop_oneof![any::<i32>().prop_map(|n| json!(n)), any::<i64>().prop_map(|n| json!(n)), any_json()];
+    let priority = prop_oneof![
+        any::<i32>().prop_map(|n| json!(n)),
+        any::<i64>().prop_map(|n| json!(n)),
+        any_json()
+    ];
     let key = prop_oneof!["[a-z0-9:-]{0,300}".prop_map(Value::String), any_json()];
     (
         prop::option::weighted(0.95, kind),
@@ -126,7 +130,11 @@ fn job_request() -> impl Strategy<Value = Value> {
 
 /// Bytes of a body: serialised as is, or with a few bytes changed, or cut short.
 fn mangled(body: impl Strategy<Value = Value>) -> impl Strategy<Value = Vec<u8>> {
-    (body, prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3), any::<Option<prop::sample::Index>>())
+    (
+        body,
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        any::<Option<prop::sample::Index>>(),
+    )
         .prop_map(|(v, edits, cut)| {
             let mut bytes = serde_json::to_vec(&v).unwrap();
             for (at, b) in edits {
@@ -145,7 +153,14 @@ fn shape(job: &jobs::Job) -> String {
     let payload: Value = serde_json::from_str(job.payload.get()).unwrap();
     format!(
         "{} {} {payload} {} {} {:?} {:?} {:?} {}",
-        job.queue, job.kind, job.max_attempts, job.priority, job.run_at_ms, job.idempotency_key, job.trace_id, job.enqueued_at_ms
+        job.queue,
+        job.kind,
+        job.max_attempts,
+        job.priority,
+        job.run_at_ms,
+        job.idempotency_key,
+        job.trace_id,
+        job.enqueued_at_ms
     )
 }
 
@@ -154,7 +169,9 @@ fn check_single(bytes: &[u8]) {
     let catalog = Catalog::default();
     let cx = cx(&catalog);
     let fast = single_fast(bytes, &cx);
-    let slow = serde_json::from_slice::<Value>(bytes).ok().map(|v| single(v, &cx));
+    let slow = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .map(|v| single(v, &cx));
     if let Some(fast) = fast {
         let body = String::from_utf8_lossy(bytes);
         match slow {
@@ -168,7 +185,9 @@ fn check_batch(bytes: &[u8]) {
     let catalog = Catalog::default();
     let cx = cx(&catalog);
     let fast = batch_fast(bytes, &cx, 8);
-    let slow = serde_json::from_slice::<Value>(bytes).ok().map(|v| batch(v, &cx, 8));
+    let slow = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .map(|v| batch(v, &cx, 8));
     if let Some(fast) = fast {
         let body = String::from_utf8_lossy(bytes);
         match slow {

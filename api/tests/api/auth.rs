@@ -57,7 +57,11 @@ impl Keys {
     async fn make(app: &TestApp) -> Self {
         let revoked = app.key(Role::Admin, None).await;
         let revoked_id = auth::key_id(&revoked).unwrap().to_owned();
-        assert!(schema::keys::revoke(&app.db, &revoked_id, Utc::now()).await.unwrap());
+        assert!(
+            schema::keys::revoke(&app.db, &revoked_id, Utc::now())
+                .await
+                .unwrap()
+        );
         let admin = app.key(Role::Admin, None).await;
         let id = auth::key_id(&admin).unwrap();
         Keys {
@@ -151,7 +155,13 @@ async fn sample(app: &TestApp, operation: &str, template: &str, n: usize) -> (St
         _ => {
             let path: Vec<String> = template
                 .split('/')
-                .map(|s| if s.starts_with('{') { "x".to_owned() } else { s.to_owned() })
+                .map(|s| {
+                    if s.starts_with('{') {
+                        "x".to_owned()
+                    } else {
+                        s.to_owned()
+                    }
+                })
                 .collect();
             (path.join("/"), Some(json!({})), false)
         }
@@ -180,7 +190,10 @@ async fn every_route_answers_every_credential_exactly_as_its_rule_says() {
     let mut operations = Vec::new();
     for (template, ops) in doc["paths"].as_object().expect("paths") {
         for (method, op) in ops.as_object().expect("operations") {
-            let id = op["operationId"].as_str().expect("every operation has an id").to_owned();
+            let id = op["operationId"]
+                .as_str()
+                .expect("every operation has an id")
+                .to_owned();
             operations.push((template.clone(), method.to_uppercase(), id, op.clone()));
         }
     }
@@ -231,7 +244,10 @@ async fn every_route_answers_every_credential_exactly_as_its_rule_says() {
                 (None, _) => assert!(status.is_success(), "{case}: an open route answers 2xx"),
                 (Some(_), None) => {
                     assert_eq!(status, StatusCode::UNAUTHORIZED, "{case}");
-                    assert_eq!(problem["type"], "https://drover.dev/problems/unauthorized", "{case}");
+                    assert_eq!(
+                        problem["type"], "https://drover.dev/problems/unauthorized",
+                        "{case}"
+                    );
                 }
                 (Some(needed), Some(role)) if role < needed => {
                     assert_eq!(status, StatusCode::FORBIDDEN, "{case}");
@@ -260,14 +276,20 @@ async fn a_path_no_route_knows_needs_an_admin_key_before_it_is_a_404() {
     let viewer = app.key(Role::Viewer, None).await;
     let anonymous = app.anonymous();
     let status = |r: poem::test::TestResponse| r.0.status();
-    assert_eq!(status(anonymous.get("/v1/nothing").send().await), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        status(anonymous.get("/v1/nothing").send().await),
+        StatusCode::UNAUTHORIZED
+    );
     let as_viewer = anonymous
         .get("/v1/jobs/abc/")
         .header("authorization", format!("Bearer {viewer}"))
         .send()
         .await;
     assert_eq!(status(as_viewer), StatusCode::FORBIDDEN);
-    assert_eq!(status(app.client.get("/v1/nothing").send().await), StatusCode::NOT_FOUND);
+    assert_eq!(
+        status(app.client.get("/v1/nothing").send().await),
+        StatusCode::NOT_FOUND
+    );
     // What holds no data stays open.
     assert_eq!(status(anonymous.get("/docs").send().await), StatusCode::OK);
     assert_eq!(status(anonymous.get("/healthz").send().await), StatusCode::OK);
@@ -292,7 +314,11 @@ async fn a_revoked_key_is_refused_within_the_key_cache_ttl() {
             .send()
     };
     get().await.assert_status_is_ok();
-    assert!(schema::keys::revoke(&app.db, auth::key_id(&key).unwrap(), Utc::now()).await.unwrap());
+    assert!(
+        schema::keys::revoke(&app.db, auth::key_id(&key).unwrap(), Utc::now())
+            .await
+            .unwrap()
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (status, headers, problem) = read(get().await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
@@ -317,7 +343,10 @@ async fn a_key_records_its_last_use_off_the_request_path() {
         if row.last_used_at.is_some() {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "last_used_at never written");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "last_used_at never written"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -348,10 +377,7 @@ async fn a_key_over_its_rate_gets_a_429_problem_with_retry_after() {
     let (status, headers, problem) = read(app.client.get("/v1/queues").send().await).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{problem}");
     assert_eq!(problem["type"], "https://drover.dev/problems/rate-limited");
-    assert_eq!(
-        headers.get("content-type").unwrap(),
-        "application/problem+json"
-    );
+    assert_eq!(headers.get("content-type").unwrap(), "application/problem+json");
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry), "Retry-After: {retry}");
     // Another key has its own bucket.
@@ -413,14 +439,22 @@ async fn api_replicas_on_one_redis_share_a_keys_bucket() {
     for client in [&a, &b, &a, &b] {
         client.get("/v1/queues").send().await.assert_status_is_ok();
     }
-    a.get("/v1/queues").send().await.assert_status(StatusCode::TOO_MANY_REQUESTS);
-    b.get("/v1/queues").send().await.assert_status(StatusCode::TOO_MANY_REQUESTS);
+    a.get("/v1/queues")
+        .send()
+        .await
+        .assert_status(StatusCode::TOO_MANY_REQUESTS);
+    b.get("/v1/queues")
+        .send()
+        .await
+        .assert_status(StatusCode::TOO_MANY_REQUESTS);
 }
 
 /// The app's routes as another API process would serve them: its own key cache, rate-limit
 /// buckets in the same Redis under the same prefix.
 async fn replica(app: &TestApp) -> TestClient<poem::endpoint::BoxEndpoint<'static, poem::Response>> {
-    let limiter = api::RateLimiter::redis(REDIS_URL, &app.prefix).await.expect("Redis");
+    let limiter = api::RateLimiter::redis(REDIS_URL, &app.prefix)
+        .await
+        .expect("Redis");
     TestClient::new(api::routes(app.state.clone().with_rate_limiter(limiter)).boxed())
         .default_header("authorization", format!("Bearer {}", app.admin_key))
 }
@@ -465,7 +499,15 @@ async fn every_mutating_call_is_audited_with_key_route_target_and_outcome() {
     let seen: Vec<(Option<&str>, &str, &str, i16, &str)> = rows
         .iter()
         .rev()
-        .map(|r| (r.key_id.as_deref(), r.route.as_str(), r.target.as_str(), r.status, r.outcome.as_str()))
+        .map(|r| {
+            (
+                r.key_id.as_deref(),
+                r.route.as_str(),
+                r.target.as_str(),
+                r.status,
+                r.outcome.as_str(),
+            )
+        })
         .collect();
     let job = format!("/v1/jobs/{}", body["id"].as_str().unwrap());
     assert_eq!(
@@ -473,7 +515,13 @@ async fn every_mutating_call_is_audited_with_key_route_target_and_outcome() {
         [
             (auth::key_id(&operator), "/v1/jobs", job.as_str(), 202, "ok"),
             (auth::key_id(&viewer), "/v1/jobs", "/v1/jobs", 403, "forbidden"),
-            (None, "/v1/schedules/{name}", "/v1/schedules/none", 401, "unauthorized"),
+            (
+                None,
+                "/v1/schedules/{name}",
+                "/v1/schedules/none",
+                401,
+                "unauthorized"
+            ),
         ]
     );
     assert_eq!(rows[2].role.as_deref(), Some("operator"));
@@ -484,7 +532,11 @@ async fn every_mutating_call_is_audited_with_key_route_target_and_outcome() {
 #[tokio::test]
 async fn metrics_need_a_key_only_when_configured() {
     let open = spawn_app().await;
-    open.anonymous().get("/metrics").send().await.assert_status_is_ok();
+    open.anonymous()
+        .get("/metrics")
+        .send()
+        .await
+        .assert_status_is_ok();
     let keyed = spawn_app_with(
         REDIS_URL,
         ApiConfig {
@@ -505,14 +557,29 @@ async fn metrics_need_a_key_only_when_configured() {
 #[tokio::test]
 async fn html_pages_carry_security_headers_and_cors_is_off_by_default() {
     let app = spawn_app().await;
-    let docs = app.anonymous().get("/docs").header("origin", "https://evil.example").send().await;
+    let docs = app
+        .anonymous()
+        .get("/docs")
+        .header("origin", "https://evil.example")
+        .send()
+        .await;
     docs.assert_status_is_ok();
     let h = docs.0.headers();
-    assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
     assert_eq!(h["x-frame-options"], "DENY");
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert!(h.get("access-control-allow-origin").is_none());
-    let api = app.client.get("/v1/queues").header("origin", "https://evil.example").send().await;
+    let api = app
+        .client
+        .get("/v1/queues")
+        .header("origin", "https://evil.example")
+        .send()
+        .await;
     assert_eq!(api.0.headers()["x-content-type-options"], "nosniff");
     assert!(api.0.headers().get("access-control-allow-origin").is_none());
 
@@ -530,7 +597,10 @@ async fn html_pages_carry_security_headers_and_cors_is_off_by_default() {
         .header("origin", "https://ops.example")
         .send()
         .await;
-    assert_eq!(resp.0.headers()["access-control-allow-origin"], "https://ops.example");
+    assert_eq!(
+        resp.0.headers()["access-control-allow-origin"],
+        "https://ops.example"
+    );
 }
 
 #[tokio::test]
@@ -549,5 +619,8 @@ async fn a_body_nested_too_deep_is_a_400_before_it_is_parsed() {
         .send()
         .await;
     let problem = crate::support::assert_problem(resp, StatusCode::BAD_REQUEST, "json-too-complex").await;
-    assert!(problem["detail"].as_str().unwrap().contains("32 levels"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("32 levels"),
+        "{problem}"
+    );
 }

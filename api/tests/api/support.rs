@@ -100,13 +100,22 @@ impl TestApp {
     /// socket.
     pub(crate) fn http_client(&self) -> reqwest::Client {
         let mut headers = reqwest::header::HeaderMap::new();
-        let value = format!("Bearer {}", self.admin_key).parse().expect("a header value");
+        let value = format!("Bearer {}", self.admin_key)
+            .parse()
+            .expect("a header value");
         headers.insert(reqwest::header::AUTHORIZATION, value);
-        reqwest::Client::builder().default_headers(headers).build().expect("an HTTP client")
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("an HTTP client")
     }
 
     /// A new key of `role` in this app's database.
-    pub(crate) async fn key(&self, role: api::Role, expires_at: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    pub(crate) async fn key(
+        &self,
+        role: api::Role,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> String {
         api::auth::create_key(&self.db, "test", role, expires_at)
             .await
             .expect("creating a key")

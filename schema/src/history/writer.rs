@@ -333,7 +333,11 @@ impl<T: BatchSink> Flusher<T> {
                 unwritten += 1;
             }
         }
-        tracing::warn!(unwritten, what = T::WHAT, "batch writer stopped with events unwritten");
+        tracing::warn!(
+            unwritten,
+            what = T::WHAT,
+            "batch writer stopped with events unwritten"
+        );
         unwritten
     }
 }
