@@ -79,3 +79,5 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+say "schemathesis against a running drover api (scripts/schemathesis.sh)"
+./scripts/schemathesis.sh

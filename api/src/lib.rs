@@ -214,7 +214,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'stat
         .around(move |ep, req| security::deadline(ep, req, limit))
         .around(error::problem_responses)
         .with(guard)
-        .with_if(cors.is_some(), cors.unwrap_or_else(poem::middleware::Cors::new))
+        .with_if(cors.is_some(), cors.unwrap_or_default())
         .around(security::headers)
         .with(metrics::HttpMetrics::new(labels))
 }
