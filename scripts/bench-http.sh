@@ -41,14 +41,17 @@ psql -q "$pg/postgres" -c "CREATE DATABASE $db" >/dev/null
 export DROVER_BROKER_URL=$redis_url DROVER_BROKER_PREFIX=$prefix DROVER_DATABASE_URL="$pg/$db"
 export DROVER_LOG=${DROVER_LOG:-warn}
 "$drover" migrate >/dev/null
+# An operator key, as a client would hold one (the per-key rate limit is off by default).
+key=$("$drover" keys create --role operator --name bench-http 2>/dev/null)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$drover" api --listen "127.0.0.1:$port" >"$work/api.log" 2>&1 &
 api_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 
-cat >"$work/single.lua" <<'EOF'
+cat >"$work/single.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer $key"
 wrk.body = '{"kind":"noop","payload":{}}'
 EOF
 python3 - "$batch" >"$work/batch.json" <<'EOF'
@@ -58,6 +61,7 @@ EOF
 cat >"$work/batch.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer $key"
 local f = io.open("$work/batch.json"); wrk.body = f:read("*a"); f:close()
 EOF
 # Prints requests/s and p50/p99 from wrk's own summary; non-2xx answers are counted and shown.

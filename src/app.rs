@@ -24,6 +24,11 @@ pub struct Stack {
     pub backups: Option<Arc<workers::families::backup::Backups>>,
     /// The `[[limits]]` of this process's workers, with their shared state.
     pub limits: Option<Arc<jobs::limits::Limiter>>,
+    /// The API's limits, authentication and hardening settings ([`serve_api`]).
+    pub api_config: api::ApiConfig,
+    /// The Redis broker's URL and prefix, where the API keeps its rate-limit buckets so that
+    /// replicas share them; `None` on other brokers (buckets per process).
+    rate_limit_redis: Option<(crate::config::Secret, String)>,
 }
 
 /// Whether a process may migrate the database itself (`drover dev`) or must find it migrated.
@@ -64,6 +69,9 @@ impl Stack {
             history_task,
             backups: None,
             limits: None,
+            api_config: api::ApiConfig::default(),
+            rate_limit_redis: is_redis(conn.broker_url.expose())
+                .then(|| (conn.broker_url.clone(), conn.broker_prefix.clone())),
         })
     }
 
@@ -142,26 +150,45 @@ impl Stack {
     }
 }
 
-/// Serves the HTTP API on an already bound listener until `shutdown` resolves.
+fn is_redis(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("rediss://")
+}
+
+/// Serves the HTTP API on an already bound listener until `shutdown` resolves, with
+/// [`Stack::api_config`], rate-limit buckets in Redis when the broker is Redis, and the audit
+/// log written to the database in batches.
 pub async fn serve_api(
     stack: &Stack,
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = api::AppState::new(
+    let (audit, audit_task) = schema::audit::AuditWriter::spawn(stack.db.clone(), HistoryConfig::default());
+    let mut state = api::AppState::new(
         stack.broker.clone(),
         stack.db.clone(),
         stack.catalog.clone(),
         api::install_metrics(),
     )
-    .with_history(stack.history.clone());
-    let state = match &stack.backups {
-        Some(b) => state.with_backup_targets(b.targets()),
-        None => state,
-    };
-    api::serve(listener, state, shutdown)
+    .with_history(stack.history.clone())
+    .with_audit(audit)
+    .with_config(stack.api_config.clone());
+    if let Some((url, prefix)) = &stack.rate_limit_redis {
+        let limiter = api::RateLimiter::redis(url.expose(), prefix)
+            .await
+            .context("connecting to Redis for the rate limits")?;
+        state = state.with_rate_limiter(limiter);
+    }
+    if let Some(b) = &stack.backups {
+        state = state.with_backup_targets(b.targets());
+    }
+    let served = api::serve(listener, state, shutdown)
         .await
-        .context("serving the API")
+        .context("serving the API");
+    let left = audit_task.shutdown(Duration::from_secs(5)).await;
+    if left > 0 {
+        tracing::warn!(left, "audit log entries not written before exit");
+    }
+    served
 }
 
 pub fn bind(args: &ApiArgs) -> anyhow::Result<std::net::TcpListener> {

@@ -9,28 +9,7 @@ use clap::Args;
 use jobs::{CatalogConfig, QueueName, schedule::ScheduleConfig};
 use workers::families::backup::BackupConfig;
 
-/// A value that must never reach a log: prints as `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
+pub use api::Secret;
 
 /// Where drover's state lives. URLs may carry credentials, hence [`Secret`].
 #[derive(Args, Clone, Debug)]
@@ -56,6 +35,103 @@ pub struct ApiArgs {
     /// Address the API listens on.
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    #[command(flatten)]
+    pub security: ApiSecurityArgs,
+}
+
+/// Authentication, rate limits and HTTP hardening of the API. The defaults are
+/// [`api::ApiConfig`]'s.
+#[derive(Args, Clone, Debug)]
+pub struct ApiSecurityArgs {
+    /// `open` (anyone may scrape /metrics) or `key` (a viewer key or better).
+    #[arg(long, env = "DROVER_METRICS_AUTH", default_value = "open", value_parser = ["open", "key"])]
+    pub metrics_auth: String,
+    /// Seconds a verified key is trusted before the database is read again: a revoked key is
+    /// refused within this long.
+    #[arg(long, env = "DROVER_KEY_CACHE_TTL_S", default_value_t = 5)]
+    pub key_cache_ttl_s: u64,
+    /// Requests per second per API key, shared by every API replica on the same Redis; 0: off.
+    #[arg(long, env = "DROVER_RATE_LIMIT_KEY_RPS", default_value_t = 0.0)]
+    pub rate_limit_key_rps: f64,
+    /// Burst above the per-key rate (default: one second's worth).
+    #[arg(long, env = "DROVER_RATE_LIMIT_KEY_BURST")]
+    pub rate_limit_key_burst: Option<u32>,
+    /// Requests per second per client IP; 0: off.
+    #[arg(long, env = "DROVER_RATE_LIMIT_IP_RPS", default_value_t = 0.0)]
+    pub rate_limit_ip_rps: f64,
+    /// Burst above the per-IP rate (default: one second's worth).
+    #[arg(long, env = "DROVER_RATE_LIMIT_IP_BURST")]
+    pub rate_limit_ip_burst: Option<u32>,
+    /// Failed authentications per minute per client IP before it is answered 429; 0: off.
+    #[arg(long, env = "DROVER_RATE_LIMIT_AUTH_FAILURES_PER_MIN", default_value_t = 60.0)]
+    pub rate_limit_auth_failures_per_min: f64,
+    /// Failed authentications in a row a client IP may have before the per-minute rate applies.
+    #[arg(long, env = "DROVER_RATE_LIMIT_AUTH_FAILURES_BURST", default_value_t = 20)]
+    pub rate_limit_auth_failures_burst: u32,
+    /// Origins allowed to call the API from a browser, comma separated (default: none, CORS off).
+    #[arg(long, env = "DROVER_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Seconds to answer one request, reading its body included (slow clients get a 408).
+    #[arg(long, env = "DROVER_REQUEST_TIMEOUT_S", default_value_t = 60)]
+    pub request_timeout_s: u64,
+    /// Seconds without traffic after which a connection is closed.
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT_S", default_value_t = 60)]
+    pub idle_timeout_s: u64,
+}
+
+impl Default for ApiSecurityArgs {
+    fn default() -> Self {
+        Self {
+            metrics_auth: "open".into(),
+            key_cache_ttl_s: 5,
+            rate_limit_key_rps: 0.0,
+            rate_limit_key_burst: None,
+            rate_limit_ip_rps: 0.0,
+            rate_limit_ip_burst: None,
+            rate_limit_auth_failures_per_min: 60.0,
+            rate_limit_auth_failures_burst: 20,
+            cors_origins: Vec::new(),
+            request_timeout_s: 60,
+            idle_timeout_s: 60,
+        }
+    }
+}
+
+impl ApiSecurityArgs {
+    /// The API's configuration: the defaults with these settings applied.
+    pub fn api_config(&self) -> api::ApiConfig {
+        let rate = |per_second: f64, burst: Option<u32>| {
+            (per_second > 0.0).then(|| api::Rate {
+                per_second,
+                burst: burst.unwrap_or(per_second.ceil() as u32).max(1),
+            })
+        };
+        api::ApiConfig {
+            key_cache_ttl: Duration::from_secs(self.key_cache_ttl_s),
+            metrics_auth: if self.metrics_auth == "key" {
+                api::MetricsAuth::Key
+            } else {
+                api::MetricsAuth::Open
+            },
+            rate_limits: api::RateLimits {
+                per_key: rate(self.rate_limit_key_rps, self.rate_limit_key_burst),
+                per_ip: rate(self.rate_limit_ip_rps, self.rate_limit_ip_burst),
+                auth_failures: rate(
+                    self.rate_limit_auth_failures_per_min / 60.0,
+                    Some(self.rate_limit_auth_failures_burst),
+                ),
+            },
+            cors_origins: self
+                .cors_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            request_timeout: Duration::from_secs(self.request_timeout_s.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_s.max(1)),
+            ..Default::default()
+        }
+    }
 }
 
 /// Worker settings.

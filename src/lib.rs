@@ -9,3 +9,5 @@ pub mod backup;
 pub mod bench;
 pub mod config;
 pub mod health;
+/// `drover keys create|list|revoke`, and `drover dev`'s first admin key.
+pub mod keys;

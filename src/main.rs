@@ -108,6 +108,13 @@ enum Command {
         #[arg(long)]
         delay_s: Option<u64>,
     },
+    /// API keys: create (printed once), list, revoke.
+    Keys {
+        #[command(flatten)]
+        conn: Connections,
+        #[command(subcommand)]
+        command: drover::keys::KeysCommand,
+    },
     /// Backups: list, verify, restore; take or prune one now.
     Backup {
         #[command(flatten)]
@@ -158,10 +165,21 @@ async fn main() -> anyhow::Result<()> {
             stack
                 .enable_limits(&conn, worker.limits_url.as_ref().map(|u| u.expose()))
                 .await?;
+            stack.api_config = api.security.api_config();
             app::seed_schedules(&stack, &defaults).await?;
+            let first_key = drover::keys::first_dev_key(&stack.db).await?;
             let listener = app::bind(&api)?;
             let addr = listener.local_addr()?;
             println!("drover dev is up: http://{addr}  (API docs: http://{addr}/docs)");
+            match first_key {
+                Some(key) => println!(
+                    "admin API key (shown only this once; more with `drover keys create`):\n  export DROVER_KEY={}",
+                    key.expose()
+                ),
+                None => println!(
+                    "API keys: the database has some already (`drover keys list`, `drover keys create`)"
+                ),
+            }
             let (stop, wait) = app::broadcast_shutdown();
             tokio::spawn(async move {
                 app::shutdown_signal().await;
@@ -184,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
             let mut stack =
                 Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
             stack.enable_backups(&conn, &backup)?;
+            stack.api_config = api.security.api_config();
             let listener = app::bind(&api)?;
             tracing::info!(addr = %listener.local_addr()?, "API listening");
             let res = app::serve_api(&stack, listener, app::shutdown_signal()).await;
@@ -287,6 +306,7 @@ async fn main() -> anyhow::Result<()> {
             backup,
             command,
         } => drover::backup::run(conn, backup, command).await,
+        Command::Keys { conn, command } => drover::keys::run(conn, command).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchWorker(args) => bench::worker(args).await,
     }

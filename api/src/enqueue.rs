@@ -85,24 +85,45 @@ struct Quick<'a> {
 #[serde(deny_unknown_fields)]
 struct QuickBatch<'a> {
     #[serde(borrow)]
-    jobs: Vec<Quick<'a>>,
+    jobs: Vec<Object<Quick<'a>>>,
+}
+
+/// A struct read only from a JSON object. serde's derived `Deserialize` also takes an array of
+/// the fields in order (`["noop"]` as `{"kind": "noop"}`), which the detailed reading refuses:
+/// without this the two readings disagreed (found by `enqueue::fuzz`).
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData)).map(Object)
+    }
 }
 
 /// The body of `POST /v1/jobs` as a job, if it is valid and strictly shaped; `None` sends it
 /// to [`single`] for the full list of what is wrong (or for a shape this reading refuses).
 pub(crate) fn single_fast(body: &[u8], cx: &Context<'_>) -> Option<Prepared> {
-    let quick: Quick<'_> = serde_json::from_slice(body).ok()?;
+    let Object(quick) = serde_json::from_slice::<Object<Quick<'_>>>(body).ok()?;
     quick_job(quick, cx)
 }
 
 /// The body of `POST /v1/jobs/batch` as jobs, if every one is valid; `None` sends it to
 /// [`batch`].
 pub(crate) fn batch_fast(body: &[u8], cx: &Context<'_>, max_jobs: usize) -> Option<Vec<Prepared>> {
-    let quick: QuickBatch<'_> = serde_json::from_slice(body).ok()?;
+    let Object(quick) = serde_json::from_slice::<Object<QuickBatch<'_>>>(body).ok()?;
     if quick.jobs.len() > max_jobs {
         return None;
     }
-    quick.jobs.into_iter().map(|q| quick_job(q, cx)).collect()
+    quick.jobs.into_iter().map(|Object(q)| quick_job(q, cx)).collect()
 }
 
 fn quick_job(q: Quick<'_>, cx: &Context<'_>) -> Option<Prepared> {
@@ -423,6 +444,10 @@ pub(crate) fn payload_error(raw: &str, reason: &str) -> (String, String) {
     }
 }
 
+/// Bounded fuzzing of the decoders (proptest).
+#[cfg(test)]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -508,6 +533,7 @@ mod tests {
             r#"{"kind": "sleep", "payload": {"ms": "soon"}}"#,
             r#"{"kind": "no\u006fp"}"#,
             r#"[{"kind": "noop"}]"#,
+            r#"["noop"]"#,
             r#"{"kind": "noop""#,
         ];
         for body in bodies {
@@ -515,6 +541,8 @@ mod tests {
         }
         let batch = br#"{"jobs": [{"kind": "noop"}, {"kind": "nope"}]}"#;
         assert!(batch_fast(batch, &cx(&catalog), 10).is_none());
+        assert!(batch_fast(br#"[[]]"#, &cx(&catalog), 10).is_none());
+        assert!(batch_fast(br#"{"jobs": [["noop"]]}"#, &cx(&catalog), 10).is_none());
         let over = br#"{"jobs": [{"kind": "noop"}, {"kind": "noop"}]}"#;
         assert!(batch_fast(over, &cx(&catalog), 1).is_none());
         assert_eq!(batch_fast(over, &cx(&catalog), 2).map(|p| p.len()), Some(2));

@@ -50,6 +50,14 @@ pub enum ProblemType {
     Internal,
     /// Any other HTTP error poem reports (a malformed query string, for one).
     BadRequest,
+    /// No API key, or one that is malformed, unknown, revoked or expired.
+    Unauthorized,
+    /// A valid key whose role may not call this route.
+    Forbidden,
+    /// Over a rate limit; `Retry-After` says when to come back.
+    RateLimited,
+    /// A JSON body nested deeper, or with more members in one object, than the limits allow.
+    JsonTooComplex,
 }
 
 impl ProblemType {
@@ -72,6 +80,10 @@ impl ProblemType {
             ProblemType::NotReady => "not-ready",
             ProblemType::Internal => "internal",
             ProblemType::BadRequest => "bad-request",
+            ProblemType::Unauthorized => "unauthorized",
+            ProblemType::Forbidden => "forbidden",
+            ProblemType::RateLimited => "rate-limited",
+            ProblemType::JsonTooComplex => "json-too-complex",
         }
     }
 
@@ -99,6 +111,10 @@ impl ProblemType {
             ProblemType::NotReady => "Not ready",
             ProblemType::Internal => "Internal server error",
             ProblemType::BadRequest => "Bad request",
+            ProblemType::Unauthorized => "A valid API key is needed",
+            ProblemType::Forbidden => "The API key's role may not do this",
+            ProblemType::RateLimited => "Too many requests",
+            ProblemType::JsonTooComplex => "The JSON body is nested too deep or too wide",
         }
     }
 }
@@ -190,8 +206,43 @@ pub enum ApiError {
         kind: ProblemType,
         detail: String,
     },
+    #[error("{0}")]
+    Auth(AuthFailure),
+    #[error("too many requests; retry in {} s", retry_after_s(*.retry_after))]
+    RateLimited { retry_after: std::time::Duration },
+    #[error("{0}")]
+    JsonTooComplex(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
+}
+
+/// Why [`crate::auth::Guard`] turned a request away.
+#[derive(Debug)]
+pub enum AuthFailure {
+    Unauthenticated(crate::auth::Refusal),
+    Forbidden {
+        role: crate::auth::Role,
+        needed: crate::auth::Role,
+    },
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthFailure::Unauthenticated(r) => f.write_str(crate::auth::refusal_detail(*r)),
+            AuthFailure::Forbidden { role, needed } => {
+                write!(
+                    f,
+                    "this route needs an {needed} key or better; this key is a {role} key"
+                )
+            }
+        }
+    }
+}
+
+/// Whole seconds to wait, rounded up (a `Retry-After` of 0 would invite an instant retry).
+fn retry_after_s(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 fn validation_detail(errors: &[FieldError], batch: bool) -> String {
@@ -270,15 +321,23 @@ impl ApiError {
             ApiError::DatabaseUnavailable(_) => ProblemType::DatabaseUnavailable,
             ApiError::NotReady(_) => ProblemType::NotReady,
             ApiError::Http { kind, .. } => *kind,
+            ApiError::Auth(AuthFailure::Unauthenticated(_)) => ProblemType::Unauthorized,
+            ApiError::Auth(AuthFailure::Forbidden { .. }) => ProblemType::Forbidden,
+            ApiError::RateLimited { .. } => ProblemType::RateLimited,
+            ApiError::JsonTooComplex(_) => ProblemType::JsonTooComplex,
             ApiError::Internal(_) => ProblemType::Internal,
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJson(_) | ApiError::InvalidJobId(_) | ApiError::InvalidQueue(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidJson(_)
+            | ApiError::InvalidJobId(_)
+            | ApiError::InvalidQueue(_)
+            | ApiError::JsonTooComplex(_) => StatusCode::BAD_REQUEST,
+            ApiError::Auth(AuthFailure::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
+            ApiError::Auth(AuthFailure::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotCancelable { .. } => StatusCode::CONFLICT,
@@ -325,7 +384,7 @@ impl ApiError {
     }
 
     /// Logs what the client will not see, then renders the problem.
-    fn render(&self) -> Response {
+    pub(crate) fn render(&self) -> Response {
         match self {
             ApiError::Internal(e) => tracing::error!(error = format!("{e:#}"), "request failed"),
             ApiError::BrokerUnavailable(e) => tracing::warn!(error = %e, "broker unavailable"),
@@ -348,6 +407,14 @@ impl ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if let ApiError::RateLimited { retry_after } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, retry_after_s(*retry_after).into());
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, crate::auth::www_authenticate());
         }
         resp
     }
@@ -391,6 +458,8 @@ impl ApiResponse for ApiError {
                 400,
                 "Malformed request: not JSON, or a malformed id or queue name",
             ),
+            (401, "No API key, or a malformed, unknown, revoked or expired one"),
+            (403, "The API key's role may not call this route"),
             (404, "No such job, queue or schedule"),
             (409, "The job can no longer be canceled"),
             (413, "The request body is over the size limit"),
@@ -399,6 +468,7 @@ impl ApiResponse for ApiError {
                 422,
                 "The request is well-formed JSON but invalid; `errors` lists each field",
             ),
+            (429, "Over a rate limit; retry after `Retry-After` seconds"),
             (500, "Internal error (details are logged, not shown)"),
             (
                 503,
@@ -416,7 +486,7 @@ impl ApiResponse for ApiError {
                         content_type: PROBLEM_CONTENT_TYPE,
                         schema: Problem::schema_ref(),
                     }],
-                    headers: if status == 503 {
+                    headers: if status == 503 || status == 429 {
                         vec![MetaHeader {
                             name: "Retry-After".to_owned(),
                             description: Some("Seconds to wait before retrying".to_owned()),

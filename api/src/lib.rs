@@ -30,6 +30,8 @@ use poem::{
 };
 use poem_openapi::OpenApiService;
 
+/// API keys, roles, the route rules and the middleware that enforces them.
+pub mod auth;
 /// Turning enqueue requests into validated job envelopes.
 mod enqueue;
 /// The one error type of every route, rendered as RFC 9457 problem+json.
@@ -38,14 +40,23 @@ pub mod error;
 pub mod metrics;
 /// The JSON request-body extractor with size limits and problem+json parse errors.
 mod payload;
+/// Rate limits per key, per client IP and per failed authentication (GCRA; Redis or local).
+pub mod ratelimit;
 /// One module per API resource, each an `OpenApi` implementation.
 mod routes;
+/// The `Secret` type: credentials that print as `[redacted]`.
+mod secret;
+/// Security headers, CORS and the request deadline.
+mod security;
 /// W3C `traceparent` handling.
 mod trace;
 
 pub use crate::{
+    auth::{Access, MetricsAuth, Role},
     error::{ApiError, FieldError, Problem},
     metrics::install_metrics,
+    ratelimit::{Rate, RateLimiter, RateLimits},
+    secret::Secret,
 };
 
 /// Limits and timeouts of the HTTP layer. The defaults are the production defaults.
@@ -63,6 +74,26 @@ pub struct ApiConfig {
     /// How long [`serve`] lets in-flight requests finish after the shutdown signal. Default 25 s
     /// (inside Kubernetes' default 30 s termination grace period).
     pub shutdown_timeout: Duration,
+    /// How long a verified API key is trusted without reading the database again: a revoked or
+    /// expired key is refused within this long. Default 5 s.
+    pub key_cache_ttl: Duration,
+    /// Whether `/metrics` needs a key. Default open.
+    pub metrics_auth: MetricsAuth,
+    /// Per key, per client IP and per failed authentication; see [`RateLimits`].
+    pub rate_limits: RateLimits,
+    /// Deepest nesting of a JSON body (objects and arrays). Default 32.
+    pub max_json_depth: usize,
+    /// Most members of one JSON object or array (a batch's `jobs` may hold
+    /// [`max_batch_jobs`](Self::max_batch_jobs)). Default 10 000.
+    pub max_json_members: usize,
+    /// Origins allowed to call the API from a browser (CORS). Default none: CORS is off, and
+    /// browsers refuse cross-origin reads.
+    pub cors_origins: Vec<String>,
+    /// Longest time to answer one request, reading its body included: a client that sends its
+    /// body slower than that gets a 408. Default 60 s.
+    pub request_timeout: Duration,
+    /// A connection with no traffic for this long is closed (slow or idle clients). Default 60 s.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -73,6 +104,14 @@ impl Default for ApiConfig {
             max_batch_jobs: 10_000,
             probe_timeout: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(25),
+            key_cache_ttl: Duration::from_secs(5),
+            metrics_auth: MetricsAuth::Open,
+            rate_limits: RateLimits::default(),
+            max_json_depth: 32,
+            max_json_members: 10_000,
+            cors_origins: Vec::new(),
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -92,6 +131,10 @@ pub struct AppState {
     pub config: ApiConfig,
     /// The configured backup targets; when known, `POST /v1/backups` refuses other names.
     pub backup_targets: Option<Arc<Vec<(jobs::families::backup::Source, String)>>>,
+    /// Where rate-limit buckets live (this process by default; Redis to share them).
+    pub rate_limiter: Arc<RateLimiter>,
+    /// Where mutating calls are audited; `None` logs them only.
+    pub audit: Option<schema::audit::AuditWriter>,
 }
 
 impl AppState {
@@ -113,7 +156,19 @@ impl AppState {
             metrics,
             config: ApiConfig::default(),
             backup_targets: None,
+            rate_limiter: Arc::new(RateLimiter::default()),
+            audit: None,
         }
+    }
+
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.rate_limiter = Arc::new(limiter);
+        self
+    }
+
+    pub fn with_audit(mut self, audit: schema::audit::AuditWriter) -> Self {
+        self.audit = Some(audit);
+        self
     }
 
     pub fn with_history(mut self, history: schema::history::HistoryWriter) -> Self {
@@ -137,21 +192,30 @@ fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
         .description("Enqueue, inspect and cancel background jobs; read queue depths; manage cron schedules.")
 }
 
-/// Every route, with problem+json errors, panic recovery and HTTP metrics.
+/// Every route, with problem+json errors, panic recovery, authentication, rate limits, the
+/// audit log, security headers and HTTP metrics.
 ///
 /// Serves `/v1/…`, `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and `/docs`.
 pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'static {
     let service = openapi_service(&state);
-    let spec = service.spec_endpoint();
-    let docs = service.swagger_ui();
+    let original = service.spec();
+    let spec = security::spec_with_auth(&original, state.config.metrics_auth);
+    let docs = security::docs_endpoint(service.swagger_ui_html(), &original, &spec);
     let labels = metrics::RouteLabels::from_api::<routes::Api>();
+    let guard = auth::Guard::new::<routes::Api>(&state);
+    let cors = security::cors(&state.config.cors_origins);
+    let limit = state.config.request_timeout;
     Route::new()
-        .at("/openapi.json", spec)
+        .at("/openapi.json", security::spec_endpoint(spec))
         .nest("/docs", docs)
         .nest("/", service)
         .data(state.config.clone())
         .with(CatchPanic::new().with_handler(error::panic_response))
+        .around(move |ep, req| security::deadline(ep, req, limit))
         .around(error::problem_responses)
+        .with(guard)
+        .with_if(cors.is_some(), cors.unwrap_or_default())
+        .around(security::headers)
         .with(metrics::HttpMetrics::new(labels))
 }
 
@@ -171,7 +235,9 @@ pub async fn serve(
         tracing::info!(addr = %addr, "HTTP API listening");
     }
     let grace = state.config.shutdown_timeout;
+    let idle = state.config.idle_timeout;
     Server::new_with_acceptor(acceptor)
+        .idle_timeout(idle)
         .run_with_graceful_shutdown(routes(state), shutdown, Some(grace))
         .await
 }

@@ -31,7 +31,7 @@ mod postgres;
 mod sqlite;
 mod writer;
 
-pub use writer::{HistoryConfig, HistoryTask, HistoryWriter};
+pub use writer::{BatchSink, BatchTask, BatchWriter, HistoryConfig, HistoryTask, HistoryWriter};
 
 /// Something that happened to a job, stamped with when it happened (`at`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

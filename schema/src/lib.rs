@@ -2,16 +2,21 @@
 //! history (one row per job in `job`, one per attempt in `job_attempt`). Postgres in production,
 //! a SQLite file for `drover dev`; every query here runs on both. Workers and the API record what
 //! happens to jobs through [`history::HistoryWriter`] and read it back through [`queries`].
-//! Cron schedules and the ticks scheduler replicas claim live in [`schedules`].
+//! Cron schedules and the ticks scheduler replicas claim live in [`schedules`]; API keys in
+//! [`keys`], the audit log of mutating API calls in [`audit`].
 //! This crate depends on no other drover crate.
 #![forbid(unsafe_code)]
 
+/// The audit log of mutating API calls and its batched writer.
+pub mod audit;
 /// The backup catalog: rows the backup workers write and the API, CLI and prune read.
 pub mod backups;
 /// The tables as sea-orm entities: persistence only, no domain rules.
 pub mod entity;
 /// Recording job events: the event types, the batched upsert and the background writer.
 pub mod history;
+/// API keys as stored (hashed): insert, look up, list, revoke, record use.
+pub mod keys;
 /// Schema migrations, applied by `drover migrate`.
 pub mod migration;
 /// Read queries and the few direct writes the API makes (cancel).

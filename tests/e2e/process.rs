@@ -13,8 +13,8 @@ use tokio::{
 };
 
 use crate::support::{
-    AMQP_URL, Broker, REDIS_URL, create_pg_database, delete_amqp_prefix, delete_redis_prefix,
-    drop_pg_database, unique,
+    AMQP_URL, Broker, REDIS_URL, authorized_client, create_pg_database, delete_amqp_prefix,
+    delete_redis_prefix, drop_pg_database, unique,
 };
 
 pub(crate) fn drover() -> Command {
@@ -26,6 +26,31 @@ pub(crate) fn drover() -> Command {
         }
     }
     c
+}
+
+/// Reads what `drover dev` prints at start, as a user would: its URL, and the admin key it
+/// creates on a database without keys (shown once).
+pub(crate) async fn dev_banner(dev: &mut Child) -> (String, String) {
+    let mut lines = BufReader::new(dev.stdout.take().expect("stdout piped")).lines();
+    let (mut base, mut key) = (None, None);
+    while base.is_none() || key.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("drover dev printed its URL and key")
+            .unwrap()
+            .expect("a line");
+        for word in line.split_whitespace() {
+            if word.starts_with("http://") && base.is_none() {
+                base = Some(word.to_owned());
+            }
+            if let Some(k) = word.strip_prefix("DROVER_KEY=") {
+                key = Some(k.to_owned());
+            }
+        }
+    }
+    // Keep draining stdout so that the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (base.unwrap(), key.unwrap())
 }
 
 pub(crate) fn sigterm(child: &Child) {
@@ -195,19 +220,17 @@ async fn drover_dev_runs_a_job_with_no_external_service() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+    let (base, key) = dev_banner(&mut dev).await;
+    // The docs hold no data: no key needed; every route under /v1 needs one.
+    let docs = reqwest::get(format!("{base}/docs")).await.unwrap();
+    let anonymous = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"kind": "noop", "payload": {}}))
+        .send()
         .await
-        .expect("drover dev printed its URL")
-        .unwrap()
-        .expect("a line");
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("a URL")
-        .to_owned();
-    let http = reqwest::Client::new();
-    let docs = http.get(format!("{base}/docs")).send().await.unwrap();
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let http = authorized_client(&key);
     assert_eq!(docs.status().as_u16(), 200);
     assert!(docs.text().await.unwrap().to_lowercase().contains("swagger"));
     let res: serde_json::Value = http
@@ -380,5 +403,148 @@ async fn worker_probes_stay_alive_but_not_ready_while_draining_and_serve_job_met
 
     delete_redis_prefix(REDIS_URL, &prefix).await;
     drop(db);
+    drop_pg_database(&pg_name).await;
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the process to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three `drover api` processes on one Redis hold a per-key limit of 100 requests/s between
+/// them: clients pushing ~3× that through all three get 100/s accepted (within 5 %) and the
+/// rest answered 429 problem+json with `Retry-After`. The key is made the way an operator
+/// makes one, with `drover keys create`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_api_processes_on_one_redis_hold_a_keys_rate_limit_within_five_percent() {
+    const RATE: f64 = 100.0;
+    const BURST: u32 = 50;
+    let prefix = unique("t");
+    let (pg_name, db_url) = create_pg_database().await;
+    let env = [
+        ("DROVER_BROKER_URL", REDIS_URL),
+        ("DROVER_DATABASE_URL", db_url.as_str()),
+        ("DROVER_BROKER_PREFIX", prefix.as_str()),
+    ];
+    assert!(
+        drover()
+            .arg("migrate")
+            .envs(env)
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    let created = drover()
+        .args([
+            "keys",
+            "create",
+            "--role",
+            "viewer",
+            "--name",
+            "rate-test",
+            "--expires-in",
+            "1h",
+        ])
+        .envs(env)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("drv_"), "{key}");
+
+    let mut bases = Vec::new();
+    let mut apis = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        apis.push(
+            drover()
+                .args(["api", "--listen", &format!("127.0.0.1:{port}")])
+                .envs(env)
+                .env("DROVER_RATE_LIMIT_KEY_RPS", RATE.to_string())
+                // Half a second's worth: a busy machine that stalls the clients for a moment
+                // does not lose what the bucket accrued meanwhile.
+                .env("DROVER_RATE_LIMIT_KEY_BURST", BURST.to_string())
+                .spawn()
+                .unwrap(),
+        );
+        bases.push(format!("http://127.0.0.1:{port}"));
+    }
+    let http = authorized_client(&key);
+    for base in &bases {
+        let start = Instant::now();
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "{base} never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Let the bucket refill from the readiness probing (none of which was charged, but be sure).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 12 clients, 4 per process, each at ~25 requests/s: ~300/s offered against 100/s.
+    let run = Duration::from_secs(10);
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let (http, url) = (http.clone(), format!("{}/v1/queues/noop", bases[i % 3]));
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut limited, mut other) = (0u64, 0u64, Vec::new());
+            // Spread over the 40 ms period, so requests do not arrive twelve at a time.
+            tokio::time::sleep(Duration::from_micros(i as u64 * 3_333)).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(40));
+            while started.elapsed() < run {
+                tick.tick().await;
+                let resp = http.get(&url).send().await.unwrap();
+                match resp.status().as_u16() {
+                    200 => ok += 1,
+                    429 => {
+                        assert!(resp.headers().contains_key("retry-after"));
+                        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+                        limited += 1;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (ok, limited, other)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for c in clients {
+        let (o, l, other) = c.await.unwrap();
+        assert!(other.is_empty(), "unexpected statuses {other:?}");
+        ok += o;
+        limited += l;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst is spent once, at the start.
+    let rate = (ok as f64 - f64::from(BURST)) / elapsed;
+    println!(
+        "RATE-LIMIT accepted={ok} limited={limited} elapsed={elapsed:.2}s rate={rate:.1}/s (limit {RATE}/s)"
+    );
+    assert!(
+        limited > ok,
+        "the clients did not push past the limit: {ok} ok, {limited} limited"
+    );
+    assert!(
+        (rate - RATE).abs() <= RATE * 0.05,
+        "3 processes admitted {rate:.1} requests/s for a limit of {RATE}/s"
+    );
+
+    for api in &apis {
+        sigterm(api);
+    }
+    for mut api in apis {
+        let _ = tokio::time::timeout(Duration::from_secs(30), api.wait()).await;
+    }
+    delete_redis_prefix(REDIS_URL, &prefix).await;
     drop_pg_database(&pg_name).await;
 }

@@ -636,18 +636,8 @@ async fn drover_dev_fires_a_schedule_created_through_the_api_and_runs_its_job() 
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("drover dev printed its URL")
-        .unwrap()
-        .expect("a line");
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("a URL")
-        .to_owned();
-    let http = reqwest::Client::new();
+    let (base, key) = crate::process::dev_banner(&mut dev).await;
+    let http = crate::support::authorized_client(&key);
     let created = http
         .put(format!("{base}/v1/schedules/every-second"))
         .json(&json!({"cron": "* * * * * *", "job": {"kind": "sleep", "payload": {"ms": 1}}}))

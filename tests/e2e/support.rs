@@ -78,6 +78,18 @@ enum Cleanup {
     File(PathBuf),
 }
 
+/// An HTTP client that sends `Authorization: Bearer {key}` with every request.
+pub(crate) fn authorized_client(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).expect("a header value");
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
 pub(crate) fn unique(tag: &str) -> String {
     format!("{tag}{}", uuid::Uuid::new_v4().simple())
 }
@@ -163,9 +175,14 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
             .enable_backups_with(&conn, cfg)
             .expect("backup configuration");
     }
+    let admin_key = api::auth::create_key(&stack.db, "e2e admin", api::Role::Admin, None)
+        .await
+        .expect("creating the test's admin key")
+        .key;
     let stack = Arc::new(stack);
     let listener = app::bind(&ApiArgs {
         listen: "127.0.0.1:0".into(),
+        security: Default::default(),
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();
@@ -200,8 +217,9 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
     }
     TestApp {
         addr,
+        // An admin key of the app's database, sent with every request.
+        http: authorized_client(admin_key.expose()),
         database_url: db_url,
-        http: reqwest::Client::new(),
         broker,
         broker_url,
         prefix,

@@ -151,7 +151,7 @@ async fn serve_answers_on_a_port_0_listener_until_shutdown() {
         let _ = stopped.await;
     }));
 
-    let http = reqwest::Client::new();
+    let http = app.http_client();
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), reqwest::StatusCode::OK);
     let too_big = http

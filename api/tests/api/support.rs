@@ -18,7 +18,11 @@ pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub(crate) const DOWN_REDIS_URL: &str = "redis://127.0.0.1:1/0";
 
 pub(crate) struct TestApp {
+    /// Sends every request with [`TestApp::admin_key`]: tests of the routes themselves need not
+    /// think about authentication. Tests of authentication use [`TestApp::anonymous`].
     pub(crate) client: TestClient<BoxEndpoint<'static, Response>>,
+    /// An admin key of this app's database, made at spawn.
+    pub(crate) admin_key: String,
     pub(crate) db: DatabaseConnection,
     pub(crate) history: HistoryWriter,
     /// The state the routes were built from (for tests that serve it themselves).
@@ -61,6 +65,10 @@ pub(crate) async fn spawn_app_with(broker_url: &str, config: ApiConfig) -> TestA
     }
 
     let (history, history_task) = HistoryWriter::spawn(db.clone(), HistoryConfig::default());
+    let admin_key = api::auth::create_key(&db, "test admin", api::Role::Admin, None)
+        .await
+        .expect("creating the test's admin key")
+        .key;
     let state = AppState::new(
         broker.clone(),
         db.clone(),
@@ -70,7 +78,9 @@ pub(crate) async fn spawn_app_with(broker_url: &str, config: ApiConfig) -> TestA
     .with_history(history.clone())
     .with_config(config);
     TestApp {
-        client: TestClient::new(api::routes(state.clone()).boxed()),
+        client: TestClient::new(api::routes(state.clone()).boxed())
+            .default_header("authorization", format!("Bearer {}", admin_key.expose())),
+        admin_key: admin_key.expose().to_owned(),
         state,
         db,
         history,
@@ -81,6 +91,39 @@ pub(crate) async fn spawn_app_with(broker_url: &str, config: ApiConfig) -> TestA
 }
 
 impl TestApp {
+    /// A client of the same routes that sends no key unless a request adds one.
+    pub(crate) fn anonymous(&self) -> TestClient<BoxEndpoint<'static, Response>> {
+        TestClient::new(api::routes(self.state.clone()).boxed())
+    }
+
+    /// A reqwest client that sends [`TestApp::admin_key`], for tests that serve the app on a
+    /// socket.
+    pub(crate) fn http_client(&self) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = format!("Bearer {}", self.admin_key)
+            .parse()
+            .expect("a header value");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("an HTTP client")
+    }
+
+    /// A new key of `role` in this app's database.
+    pub(crate) async fn key(
+        &self,
+        role: api::Role,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> String {
+        api::auth::create_key(&self.db, "test", role, expires_at)
+            .await
+            .expect("creating a key")
+            .key
+            .expose()
+            .to_owned()
+    }
+
     pub(crate) async fn enqueue(&self, body: Value) -> TestResponse {
         self.client.post("/v1/jobs").body_json(&body).send().await
     }

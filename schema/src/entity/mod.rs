@@ -1,6 +1,10 @@
 //! One module per table. Statuses and outcomes are plain strings here; their meaning lives in
 //! [`crate::history::JobState`] and [`crate::history::AttemptOutcome`].
 
+/// One row per API key (hashed), with its role, expiry and revocation.
+pub mod api_key;
+/// One row per mutating API call: who, what, the outcome.
+pub mod audit_log;
 /// One row per backup: where its object is, how big, its digest and status.
 pub mod backup;
 /// One row per job: its latest known state.

@@ -1,8 +1,9 @@
 //! The background writer that turns many small `record` calls into few batched writes.
 //!
-//! Recording must never slow a job down or fail it, so [`HistoryWriter::record`] only tries to
-//! queue the event: when the queue is full it drops the event and counts it. One task per process
-//! drains the queue into [`apply_batch`]. While the database is unreachable that task keeps its
+//! Recording must never slow a job (or a request) down or fail it, so [`BatchWriter::record`]
+//! only tries to queue the event: when the queue is full it drops the event and counts it. One
+//! task per process drains the queue into [`BatchSink::write`] (job history: [`apply_batch`]; the
+//! API's audit log: `crate::audit`). While the database is unreachable that task keeps its
 //! current batch and retries with backoff; new events wait in the queue until it is full.
 
 use std::sync::Arc;
@@ -15,8 +16,29 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{HistoryEvent, apply_batch};
+use crate::DbError;
 
-/// Tuning for [`HistoryWriter`]; the defaults suit a worker process.
+/// Events a [`BatchWriter`] can write: how a batch of them becomes rows, and what to call them
+/// in log lines.
+pub trait BatchSink: Send + Sync + 'static + Sized {
+    /// What the events are, for log lines: `job history`, `audit log`.
+    const WHAT: &'static str;
+    fn write(db: &DatabaseConnection, batch: &[Self]) -> impl Future<Output = Result<(), DbError>> + Send;
+}
+
+impl BatchSink for HistoryEvent {
+    const WHAT: &'static str = "job history";
+    fn write(db: &DatabaseConnection, batch: &[Self]) -> impl Future<Output = Result<(), DbError>> + Send {
+        apply_batch(db, batch)
+    }
+}
+
+/// The job history's writer (workers and the API record [`HistoryEvent`]s with it).
+pub type HistoryWriter = BatchWriter<HistoryEvent>;
+/// The job history writer's task.
+pub type HistoryTask = BatchTask<HistoryEvent>;
+
+/// Tuning for a [`BatchWriter`]; the defaults suit a worker process's job history.
 #[derive(Clone, Debug)]
 pub struct HistoryConfig {
     /// Events queued before `record` starts dropping them. Default 65 536, about a minute of
@@ -47,8 +69,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// At most one "dropping events" warning per this long, however many are dropped.
 const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
-enum Command {
-    Record(HistoryEvent),
+enum Command<T> {
+    Record(T),
     /// Write everything received so far, then answer.
     Flush(oneshot::Sender<()>),
     /// Answer once everything received so far is written, at the usual cadence (no forced
@@ -56,19 +78,29 @@ enum Command {
     Written(oneshot::Sender<()>),
 }
 
-/// A cheap, cloneable handle for recording job events. See the module docs.
-#[derive(Clone, Debug)]
-pub struct HistoryWriter {
-    tx: mpsc::Sender<Command>,
+/// A cheap, cloneable handle for recording events. See the module docs.
+#[derive(Debug)]
+pub struct BatchWriter<T> {
+    tx: mpsc::Sender<Command<T>>,
     shared: Arc<Shared>,
 }
 
-/// Owns the background task; call [`HistoryTask::shutdown`] when the process stops.
+impl<T> Clone for BatchWriter<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Owns the background task; call [`BatchTask::shutdown`] when the process stops.
 #[derive(Debug)]
-pub struct HistoryTask {
+pub struct BatchTask<T> {
     stop: oneshot::Sender<Instant>,
     handle: JoinHandle<usize>,
     shared: Arc<Shared>,
+    events: std::marker::PhantomData<fn(T)>,
 }
 
 #[derive(Debug)]
@@ -81,11 +113,12 @@ struct Shared {
     /// Milliseconds after `started` before which no drop warning is logged.
     quiet_until_ms: AtomicU64,
     started: Instant,
+    what: &'static str,
 }
 
-impl HistoryWriter {
+impl<T: BatchSink> BatchWriter<T> {
     /// Starts the background task on the current tokio runtime.
-    pub fn spawn(db: DatabaseConnection, cfg: HistoryConfig) -> (HistoryWriter, HistoryTask) {
+    pub fn spawn(db: DatabaseConnection, cfg: HistoryConfig) -> (BatchWriter<T>, BatchTask<T>) {
         let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
         let (stop, stop_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
@@ -94,6 +127,7 @@ impl HistoryWriter {
             unflushed: AtomicUsize::new(0),
             quiet_until_ms: AtomicU64::new(0),
             started: Instant::now(),
+            what: T::WHAT,
         });
         let flusher = Flusher {
             db,
@@ -106,23 +140,24 @@ impl HistoryWriter {
             shared: shared.clone(),
         };
         let handle = tokio::spawn(flusher.run(cfg.flush_interval));
-        let task = HistoryTask {
+        let task = BatchTask {
             stop,
             handle,
             shared: shared.clone(),
+            events: std::marker::PhantomData,
         };
-        (HistoryWriter { tx, shared }, task)
+        (BatchWriter { tx, shared }, task)
     }
 
     /// Queues an event without waiting. If the queue is full (the database has been away for
     /// a while) or the writer has shut down, the event is dropped and counted in
     /// [`dropped`](Self::dropped).
-    pub fn record(&self, event: HistoryEvent) {
+    pub fn record(&self, event: T) {
         if let Err(error) = self.tx.try_send(Command::Record(event)) {
             let total = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let reason = match error {
-                mpsc::error::TrySendError::Full(_) => "the history queue is full",
-                mpsc::error::TrySendError::Closed(_) => "the history writer has shut down",
+                mpsc::error::TrySendError::Full(_) => "the queue is full",
+                mpsc::error::TrySendError::Closed(_) => "the writer has shut down",
             };
             self.shared.warn_dropped(reason, total);
         }
@@ -171,7 +206,7 @@ impl HistoryWriter {
     }
 }
 
-impl HistoryTask {
+impl<T> BatchTask<T> {
     /// Stops taking events, writes what remains (retrying until `timeout`), and returns how
     /// many events could not be written.
     pub async fn shutdown(self, timeout: Duration) -> usize {
@@ -180,7 +215,7 @@ impl HistoryTask {
         match self.handle.await {
             Ok(unwritten) => unwritten,
             Err(error) => {
-                tracing::error!(error = %error, "job history task failed");
+                tracing::error!(error = %error, what = self.shared.what, "batch writer task failed");
                 self.shared.unflushed.load(Ordering::Relaxed)
             }
         }
@@ -199,27 +234,27 @@ impl Shared {
                 .compare_exchange(quiet_until, next, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(reason, dropped_total = total, "dropping job history events");
+            tracing::warn!(reason, dropped_total = total, what = self.what, "dropping events");
         }
     }
 }
 
 /// The background task's state.
-struct Flusher {
+struct Flusher<T> {
     db: DatabaseConnection,
-    rx: mpsc::Receiver<Command>,
-    buffer: Vec<HistoryEvent>,
+    rx: mpsc::Receiver<Command<T>>,
+    buffer: Vec<T>,
     /// `written()` callers waiting for the buffer to be written.
     waiting: Vec<oneshot::Sender<()>>,
     max_batch: usize,
-    /// Fires with the shutdown deadline; `None` once received or once the `HistoryTask` is gone.
+    /// Fires with the shutdown deadline; `None` once received or once the `BatchTask` is gone.
     stop: Option<oneshot::Receiver<Instant>>,
     /// Set by shutdown: give up writing after this.
     deadline: Option<Instant>,
     shared: Arc<Shared>,
 }
 
-impl Flusher {
+impl<T: BatchSink> Flusher<T> {
     async fn run(mut self, flush_interval: Duration) -> usize {
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -232,7 +267,7 @@ impl Flusher {
                             self.handle_queued().await;
                         }
                     }
-                    // Every `HistoryWriter` is gone: write what is left, however long it takes.
+                    // Every `BatchWriter` is gone: write what is left, however long it takes.
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -257,7 +292,7 @@ impl Flusher {
     }
 
     /// Returns false once the shutdown deadline has passed with events unwritten.
-    async fn handle(&mut self, command: Command) -> bool {
+    async fn handle(&mut self, command: Command<T>) -> bool {
         match command {
             Command::Record(event) => {
                 self.buffer.push(event);
@@ -294,7 +329,7 @@ impl Flusher {
         let mut backoff = MIN_BACKOFF;
         while !self.buffer.is_empty() {
             let result = tokio::select! {
-                result = apply_batch(&self.db, &self.buffer) => result,
+                result = T::write(&self.db, &self.buffer) => result,
                 () = deadline_passed(&mut self.stop, &mut self.deadline) => return false,
             };
             match result {
@@ -311,7 +346,8 @@ impl Flusher {
                         error = &error as &dyn std::error::Error,
                         events = self.buffer.len(),
                         retry_in = ?backoff,
-                        "writing job history failed; keeping the batch"
+                        what = T::WHAT,
+                        "writing a batch failed; keeping it"
                     );
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -347,12 +383,16 @@ impl Flusher {
                 unwritten += 1;
             }
         }
-        tracing::warn!(unwritten, "job history writer stopped with events unwritten");
+        tracing::warn!(
+            unwritten,
+            what = T::WHAT,
+            "batch writer stopped with events unwritten"
+        );
         unwritten
     }
 }
 
-/// Resolves with the shutdown deadline; never, if the `HistoryTask` was dropped without one.
+/// Resolves with the shutdown deadline; never, if the `BatchTask` was dropped without one.
 async fn stop_signal(stop: &mut Option<oneshot::Receiver<Instant>>) -> Instant {
     if let Some(rx) = stop {
         let signal = rx.await;
