@@ -39,6 +39,13 @@ pub enum ProblemType {
     InvalidBatch,
     /// A path segment that should be a job id is not a UUID.
     InvalidId,
+    /// One or more events of `POST /v1/events` are invalid; `errors` lists each (`index`,
+    /// `field`, `reason`, each of type `invalid-event`).
+    InvalidEvents,
+    /// One event of a batch is invalid (the type of each entry of an `invalid-events` problem).
+    InvalidEvent,
+    /// Redis, which the API serves cached read models from, did not answer.
+    CacheUnavailable,
     NotFound,
     MethodNotAllowed,
     NotCancelable,
@@ -62,6 +69,9 @@ impl ProblemType {
             ProblemType::InvalidQueue => "invalid-queue",
             ProblemType::InvalidBatch => "invalid-batch",
             ProblemType::InvalidId => "invalid-id",
+            ProblemType::InvalidEvents => "invalid-events",
+            ProblemType::InvalidEvent => "invalid-event",
+            ProblemType::CacheUnavailable => "cache-unavailable",
             ProblemType::NotFound => "not-found",
             ProblemType::MethodNotAllowed => "method-not-allowed",
             ProblemType::NotCancelable => "not-cancelable",
@@ -89,6 +99,9 @@ impl ProblemType {
             ProblemType::InvalidQueue => "Invalid queue name",
             ProblemType::InvalidBatch => "Some jobs of the batch are invalid",
             ProblemType::InvalidId => "Invalid job id",
+            ProblemType::InvalidEvents => "Some events of the batch are invalid",
+            ProblemType::InvalidEvent => "Invalid event",
+            ProblemType::CacheUnavailable => "The cache is unavailable",
             ProblemType::NotFound => "Not found",
             ProblemType::MethodNotAllowed => "Method not allowed",
             ProblemType::NotCancelable => "The job can no longer be canceled",
@@ -170,6 +183,11 @@ pub enum ApiError {
     /// A request (single job or batch) failed validation; nothing was enqueued.
     #[error("{}", validation_detail(.errors, *.batch))]
     Invalid { errors: Vec<FieldError>, batch: bool },
+    /// Events of a `POST /v1/events` batch failed validation; none was stored.
+    #[error("{} event(s) of the batch are invalid; nothing was stored", count_indexes(.0))]
+    InvalidEvents(Vec<FieldError>),
+    #[error("the cache did not answer; try again shortly")]
+    CacheUnavailable(#[source] jobs::cache::CacheError),
     #[error("{0}")]
     NotFound(String),
     #[error("job {id} is {state} and can no longer be canceled")]
@@ -192,6 +210,12 @@ pub enum ApiError {
     },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
+}
+
+fn count_indexes(errors: &[FieldError]) -> usize {
+    let mut idx: Vec<u32> = errors.iter().filter_map(|e| e.index).collect();
+    idx.dedup();
+    idx.len().max(1)
 }
 
 fn validation_detail(errors: &[FieldError], batch: bool) -> String {
@@ -263,6 +287,8 @@ impl ApiError {
             ApiError::InvalidQueue(_) => ProblemType::InvalidQueue,
             ApiError::Invalid { batch: true, .. } => ProblemType::InvalidBatch,
             ApiError::Invalid { errors, .. } => errors.first().map_or(ProblemType::InvalidField, |e| e.kind),
+            ApiError::InvalidEvents(_) => ProblemType::InvalidEvents,
+            ApiError::CacheUnavailable(_) => ProblemType::CacheUnavailable,
             ApiError::NotFound(_) => ProblemType::NotFound,
             ApiError::NotCancelable { .. } => ProblemType::NotCancelable,
             ApiError::PayloadTooLarge { .. } => ProblemType::PayloadTooLarge,
@@ -279,13 +305,14 @@ impl ApiError {
             ApiError::InvalidJson(_) | ApiError::InvalidJobId(_) | ApiError::InvalidQueue(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid { .. } | ApiError::InvalidEvents(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotCancelable { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BrokerUnavailable(_) | ApiError::DatabaseUnavailable(_) | ApiError::NotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::BrokerUnavailable(_)
+            | ApiError::DatabaseUnavailable(_)
+            | ApiError::NotReady(_)
+            | ApiError::CacheUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Http { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -314,7 +341,7 @@ impl ApiError {
             status: self.status().as_u16(),
             detail: self.to_string(),
             errors: match self {
-                ApiError::Invalid { errors, .. } => Some(errors.clone()),
+                ApiError::Invalid { errors, .. } | ApiError::InvalidEvents(errors) => Some(errors.clone()),
                 _ => None,
             },
             checks: match self {
@@ -329,6 +356,7 @@ impl ApiError {
         match self {
             ApiError::Internal(e) => tracing::error!(error = format!("{e:#}"), "request failed"),
             ApiError::BrokerUnavailable(e) => tracing::warn!(error = %e, "broker unavailable"),
+            ApiError::CacheUnavailable(e) => tracing::warn!(error = %e, "cache unavailable"),
             ApiError::DatabaseUnavailable(e) => {
                 tracing::warn!(error = format!("{e:#}"), "history database unavailable")
             }
@@ -510,5 +538,14 @@ mod tests {
             resp.headers().get(header::CONTENT_TYPE).unwrap(),
             PROBLEM_CONTENT_TYPE
         );
+    }
+}
+
+impl From<jobs::cache::CacheError> for ApiError {
+    fn from(e: jobs::cache::CacheError) -> Self {
+        match e {
+            jobs::cache::CacheError::Redis(_) => ApiError::CacheUnavailable(e),
+            other => ApiError::Internal(anyhow::Error::new(other).context("a cached read model")),
+        }
     }
 }

@@ -92,6 +92,9 @@ pub struct AppState {
     pub config: ApiConfig,
     /// The configured backup targets; when known, `POST /v1/backups` refuses other names.
     pub backup_targets: Option<Arc<Vec<(jobs::families::backup::Source, String)>>>,
+    /// Redis for cached read models (leaderboards, analytics summaries); without one every
+    /// such read is computed from the database and counted as a miss.
+    pub cache: Option<jobs::cache::ReadCache>,
 }
 
 impl AppState {
@@ -113,7 +116,13 @@ impl AppState {
             metrics,
             config: ApiConfig::default(),
             backup_targets: None,
+            cache: None,
         }
+    }
+
+    pub fn with_cache(mut self, cache: jobs::cache::ReadCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     pub fn with_history(mut self, history: schema::history::HistoryWriter) -> Self {

@@ -16,12 +16,14 @@
 
 pub mod backend;
 pub mod broker;
+pub mod cache;
 pub mod catalog;
 pub mod families;
 pub mod job;
 pub mod queue;
 pub mod retry;
 pub mod schedule;
+pub mod stats;
 
 pub use backend::{JobRef, QueueBackend, SettledCount};
 pub use broker::{

@@ -8,6 +8,8 @@ use crate::AppState;
 
 /// `GET /v1/backups`, `GET /v1/backups/{id}`, `POST /v1/backups`.
 pub(crate) mod backups;
+/// `POST /v1/events`.
+pub(crate) mod events;
 /// `GET /healthz`, `GET /readyz`, `GET /metrics`.
 pub(crate) mod health;
 /// `POST /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
@@ -23,6 +25,7 @@ pub(crate) type Api = (
     queues::QueuesApi,
     schedules::SchedulesApi,
     backups::BackupsApi,
+    events::EventsApi,
     health::HealthApi,
 );
 
@@ -32,6 +35,7 @@ pub(crate) fn api(state: AppState) -> Api {
         queues::QueuesApi::new(state.clone()),
         schedules::SchedulesApi::new(state.clone()),
         backups::BackupsApi::new(state.clone()),
+        events::EventsApi::new(state.clone()),
         health::HealthApi::new(state),
     )
 }
@@ -46,6 +50,12 @@ pub(crate) enum ApiTags {
     Schedules,
     /// Backups: the catalog, and taking one now.
     Backups,
+    /// Events for the analytics and scoring families.
+    Events,
+    /// Rollups, anomalies, forecasts and SLA reports computed from events and job history.
+    Analytics,
+    /// Scoring models, leaderboards and explained scores.
+    Scores,
     /// Liveness, readiness and Prometheus metrics.
     Health,
 }
