@@ -22,6 +22,10 @@ pub struct Stack {
     /// The backup family (configuration, store, catalog), once [`Stack::enable_backups`] ran:
     /// workers run backup jobs with it and the API checks backup targets against it.
     pub backups: Option<Arc<workers::families::backup::Backups>>,
+    /// The analytics, scoring and cache-warming families, once [`Stack::enable_families`]
+    /// ran: workers run their jobs with it and the API serves cached read models through its
+    /// cache.
+    pub families: Option<Arc<workers::families::Families>>,
 }
 
 /// Whether a process may migrate the database itself (`drover dev`) or must find it migrated.
@@ -61,6 +65,7 @@ impl Stack {
             history,
             history_task,
             backups: None,
+            families: None,
         })
     }
 
@@ -97,6 +102,29 @@ impl Stack {
         Ok(())
     }
 
+    /// Reads `[analytics]`, `[scoring]`, `[cache]` and `DROVER_CACHE_URL`, and opens the
+    /// read-model cache (lazily: an unreachable Redis fails cached reads, not the start).
+    pub fn enable_families(&mut self, conn: &Connections, args: &config::FamilyArgs) -> anyhow::Result<()> {
+        let (analytics, scoring, cache_cfg) = config::family_config(conn, args)?;
+        let cache = match &cache_cfg.url {
+            Some(url) => Some(
+                jobs::cache::ReadCache::connect(url, &conn.broker_prefix, cache_cfg.settings())
+                    .context("the cache URL")?,
+            ),
+            None => None,
+        };
+        self.families = Some(Arc::new(workers::families::Families::new(
+            self.db.clone(),
+            self.broker.clone(),
+            self.catalog.clone(),
+            cache,
+            analytics,
+            scoring,
+            cache_cfg,
+        )));
+        Ok(())
+    }
+
     /// Flushes the job history still in memory (bounded by `timeout`).
     pub async fn close(self, timeout: Duration) {
         let left = self.history_task.shutdown(timeout).await;
@@ -123,6 +151,10 @@ pub async fn serve_api(
         Some(b) => state.with_backup_targets(b.targets()),
         None => state,
     };
+    let state = match stack.families.as_ref().and_then(|f| f.cache.clone()) {
+        Some(c) => state.with_cache(c),
+        None => state,
+    };
     api::serve(listener, state, shutdown)
         .await
         .context("serving the API")
@@ -147,6 +179,9 @@ pub async fn run_workers(
 ) -> anyhow::Result<()> {
     if deps.backups.is_none() {
         deps.backups = stack.backups.clone();
+    }
+    if deps.families.is_none() {
+        deps.families = stack.families.clone();
     }
     // Workers register their metric handles once, at start: the recorder must exist by then.
     api::install_metrics();

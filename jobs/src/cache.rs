@@ -447,3 +447,59 @@ mod tests {
         );
     }
 }
+
+/// Builds `model`'s whole board from the database (`None`: no such model). What a miss, a
+/// warmer and a finished scoring run all load into Redis.
+pub async fn build_board(
+    db: &sea_orm::DatabaseConnection,
+    model: &str,
+) -> Result<Option<Board>, schema::DbError> {
+    if schema::scores::get_model(db, model).await?.is_none() {
+        return Ok(None);
+    }
+    let entries = schema::scores::ranking(db, model).await?;
+    let last = schema::scores::runs(db, model, 10)
+        .await?
+        .into_iter()
+        .find(|r| r.status == "succeeded");
+    Ok(Some(Board {
+        meta: BoardMeta {
+            run_id: last.as_ref().map(|r| r.id),
+            as_of: last.as_ref().map(|r| r.as_of),
+            subjects: entries.len() as u64,
+        },
+        entries,
+    }))
+}
+
+/// The analytics summary read model of `source`/`bucket` at `now`: each name's newest
+/// complete bucket, with the anomalies of the last 24 buckets.
+pub async fn build_summary(
+    db: &sea_orm::DatabaseConnection,
+    source: crate::families::analytics::Source,
+    bucket: crate::families::analytics::Bucket,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<schema::analytics::NameSummary>, schema::DbError> {
+    let current = bucket.floor(now);
+    schema::analytics::summary(
+        db,
+        source.as_str(),
+        bucket.as_str(),
+        current - bucket.size() * 24,
+        current,
+    )
+    .await
+}
+
+/// The key of the analytics summary read model of `source`/`bucket`.
+pub fn summary_id(
+    source: crate::families::analytics::Source,
+    bucket: crate::families::analytics::Bucket,
+) -> String {
+    format!("{}.{}", source.as_str(), bucket.as_str())
+}
+
+/// The cache name (metric label and key part) of the analytics summaries.
+pub const SUMMARY_CACHE: &str = "analytics-summary";
+/// The cache name of the score leaderboards.
+pub const LEADERBOARD_CACHE: &str = "leaderboard";

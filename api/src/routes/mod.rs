@@ -6,6 +6,8 @@ use poem_openapi::Tags;
 
 use crate::AppState;
 
+/// `GET /v1/analytics/rollups|anomalies|forecasts|sla|summary`.
+pub(crate) mod analytics;
 /// `GET /v1/backups`, `GET /v1/backups/{id}`, `POST /v1/backups`.
 pub(crate) mod backups;
 /// `POST /v1/events`.
@@ -18,6 +20,9 @@ pub(crate) mod jobs;
 pub(crate) mod queues;
 /// `GET /v1/schedules`, `GET|PUT|DELETE /v1/schedules/{name}`.
 pub(crate) mod schedules;
+/// `PUT|GET /v1/scores/{model}`, `POST …/recompute`, `GET …/runs/{id}`, `GET …/top`,
+/// `GET …/subjects/{id}`.
+pub(crate) mod scores;
 
 /// The whole API, as poem-openapi composes it.
 pub(crate) type Api = (
@@ -26,6 +31,8 @@ pub(crate) type Api = (
     schedules::SchedulesApi,
     backups::BackupsApi,
     events::EventsApi,
+    analytics::AnalyticsApi,
+    scores::ScoresApi,
     health::HealthApi,
 );
 
@@ -36,6 +43,8 @@ pub(crate) fn api(state: AppState) -> Api {
         schedules::SchedulesApi::new(state.clone()),
         backups::BackupsApi::new(state.clone()),
         events::EventsApi::new(state.clone()),
+        analytics::AnalyticsApi::new(state.clone()),
+        scores::ScoresApi::new(state.clone()),
         health::HealthApi::new(state),
     )
 }
