@@ -3,6 +3,7 @@
 
 mod support;
 
+mod families;
 mod health;
 mod jobs;
 mod queues;
