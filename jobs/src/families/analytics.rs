@@ -366,7 +366,11 @@ mod tests {
             c.validate(FORECAST, &raw(r#"{"bucket":"day","metric":"count","horizon":0}"#))
                 .is_err()
         );
-        for s in default_schedules(3.0) {
+        let all = default_schedules(3.0)
+            .into_iter()
+            .chain(crate::families::scoring::default_schedules())
+            .chain(crate::families::cache_warm::default_schedules([("leaderboards", "0 * * * * *")]));
+        for s in all {
             assert!(s.validate(&c).is_ok(), "{s:?}");
         }
     }
