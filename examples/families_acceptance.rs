@@ -29,17 +29,27 @@ const SUBJECTS: usize = 100_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let name = format!("drover_accept_{}", uuid::Uuid::new_v4().simple());
     let prefix = format!("accept{}", uuid::Uuid::new_v4().simple());
     let admin = schema::connect(PG_ADMIN).await?;
-    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
     let res = run(n, &url, &prefix).await;
-    let _ = admin.execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)")).await;
+    let _ = admin
+        .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await;
     let client = redis::Client::open(REDIS)?;
     let mut c = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut c).await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut c)
+        .await?;
     for k in keys.chunks(500) {
         let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await?;
     }
@@ -59,8 +69,13 @@ async fn run(n: usize, url: &str, prefix: &str) -> anyhow::Result<()> {
     .await?;
     let catalog = Arc::new(jobs::Catalog::default());
     let cache = jobs::cache::ReadCache::connect(REDIS, prefix, Default::default())?;
-    let state = api::AppState::new(broker.clone(), db.clone(), catalog.clone(), api::install_metrics())
-        .with_cache(cache.clone());
+    let state = api::AppState::new(
+        broker.clone(),
+        db.clone(),
+        catalog.clone(),
+        api::install_metrics(),
+    )
+    .with_cache(cache.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -129,7 +144,10 @@ async fn run(n: usize, url: &str, prefix: &str) -> anyhow::Result<()> {
         config::ScoringConfig::default(),
         config::CacheConfig::default(),
     );
-    let (from, to) = (Bucket::Hour.floor(start), Bucket::Hour.floor(Utc::now()) + TimeDelta::hours(1));
+    let (from, to) = (
+        Bucket::Hour.floor(start),
+        Bucket::Hour.floor(Utc::now()) + TimeDelta::hours(1),
+    );
     let t = Instant::now();
     let first = analytics::rollup(&f, Bucket::Hour, Some(Source::Events), from, to).await?;
     let rollup_time = t.elapsed();
@@ -158,9 +176,13 @@ async fn run(n: usize, url: &str, prefix: &str) -> anyhow::Result<()> {
         normalization: Normalization::Max,
     };
     let t = Instant::now();
-    let run = scoring::plan(&f, uuid::Uuid::new_v4(), &model, 5_000).await.map_err(anyhow::Error::msg)?;
+    let run = scoring::plan(&f, uuid::Uuid::new_v4(), &model, 5_000)
+        .await
+        .map_err(anyhow::Error::msg)?;
     for c in 0..run.chunks {
-        scoring::run_chunk(&f, run.id, c).await.map_err(anyhow::Error::msg)?;
+        scoring::run_chunk(&f, run.id, c)
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     println!(
         "rescoring: {} subjects in {} chunks (in this process) in {:.2} s",

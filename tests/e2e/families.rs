@@ -81,9 +81,13 @@ async fn an_hourly_rollup_matches_the_events_and_a_rerun_changes_nothing() {
         schema::events::insert(&f.db, chunk).await.unwrap();
     }
     let (from, to) = (start, start + TimeDelta::hours(3));
-    let first = analytics::rollup(&f, Bucket::Hour, Some(Source::Events), from, to).await.unwrap();
+    let first = analytics::rollup(&f, Bucket::Hour, Some(Source::Events), from, to)
+        .await
+        .unwrap();
     assert_eq!((first.read, first.rows, first.changed), (60_000, 9, 9));
-    let rows = schema::analytics::rollups_in(&f.db, "events", "hour", from, to).await.unwrap();
+    let rows = schema::analytics::rollups_in(&f.db, "events", "hour", from, to)
+        .await
+        .unwrap();
 
     // One bucket against the summary of exactly its events.
     let b = start + TimeDelta::hours(1);
@@ -97,7 +101,10 @@ async fn an_hourly_rollup_matches_the_events_and_a_rerun_changes_nothing() {
         .filter(|e| e.name == "api.call" && e.error && Bucket::Hour.floor(e.ts) == b)
         .count() as u64;
     let want = Summary::of(&mut values, errors).unwrap();
-    let row = rows.iter().find(|r| r.name == "api.call" && r.bucket_start == b).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r.name == "api.call" && r.bucket_start == b)
+        .unwrap();
     let got = Summary {
         count: row.count as u64,
         sum: row.sum,
@@ -114,14 +121,22 @@ async fn an_hourly_rollup_matches_the_events_and_a_rerun_changes_nothing() {
     assert_eq!(got, want);
     assert!(want.errors > 0);
 
-    let again = analytics::rollup(&f, Bucket::Hour, Some(Source::Events), from, to).await.unwrap();
+    let again = analytics::rollup(&f, Bucket::Hour, Some(Source::Events), from, to)
+        .await
+        .unwrap();
     assert_eq!((again.rows, again.changed), (9, 0), "a re-run changed rows");
-    let rows_again = schema::analytics::rollups_in(&f.db, "events", "hour", from, to).await.unwrap();
+    let rows_again = schema::analytics::rollups_in(&f.db, "events", "hour", from, to)
+        .await
+        .unwrap();
     assert_eq!(rows_again, rows, "a re-run changed a value or computed_at");
 
     // Minute buckets of the same events add up to the same total.
-    analytics::rollup(&f, Bucket::Minute, Some(Source::Events), from, to).await.unwrap();
-    let minutes = schema::analytics::rollups_in(&f.db, "events", "minute", from, to).await.unwrap();
+    analytics::rollup(&f, Bucket::Minute, Some(Source::Events), from, to)
+        .await
+        .unwrap();
+    let minutes = schema::analytics::rollups_in(&f.db, "events", "minute", from, to)
+        .await
+        .unwrap();
     assert_eq!(minutes.iter().map(|r| r.count).sum::<i64>(), 60_000);
 
     f.db.close().await.unwrap();
@@ -142,14 +157,25 @@ async fn rescoring_fans_out_over_two_worker_processes_and_equals_one_process_exa
         half_life_s: 7.0 * 86_400.0,
         normalization: Normalization::Max,
     };
-    schema::scores::put_model(&f.db, "engagement", serde_json::to_value(&weights).unwrap(), model.half_life_s, "max", now)
-        .await
-        .unwrap();
+    schema::scores::put_model(
+        &f.db,
+        "engagement",
+        serde_json::to_value(&weights).unwrap(),
+        model.half_life_s,
+        "max",
+        now,
+    )
+    .await
+    .unwrap();
     // Two events per subject (three for every seventh), spread over 30 days.
     let mut events = Vec::with_capacity(n * 2);
     for i in 0..n {
         let subject = format!("user-{i:06}");
-        for (k, name) in ["view", "buy", "view"].iter().enumerate().take(if i % 7 == 0 { 3 } else { 2 }) {
+        for (k, name) in ["view", "buy", "view"]
+            .iter()
+            .enumerate()
+            .take(if i % 7 == 0 { 3 } else { 2 })
+        {
             events.push(NewEvent {
                 name: (*name).into(),
                 subject: subject.clone(),
@@ -174,7 +200,15 @@ async fn rescoring_fans_out_over_two_worker_processes_and_equals_one_process_exa
     let workers: Vec<_> = (0..2)
         .map(|_| {
             drover()
-                .args(["worker", "--queues", "scoring", "--concurrency", "1", "--prefetch", "1"])
+                .args([
+                    "worker",
+                    "--queues",
+                    "scoring",
+                    "--concurrency",
+                    "1",
+                    "--prefetch",
+                    "1",
+                ])
                 .envs(env)
                 .spawn()
                 .expect("start drover worker")
@@ -212,7 +246,10 @@ async fn rescoring_fans_out_over_two_worker_processes_and_equals_one_process_exa
         {
             break run;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the run did not finish in 120 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run did not finish in 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(run.status, "succeeded");
@@ -226,7 +263,9 @@ async fn rescoring_fans_out_over_two_worker_processes_and_equals_one_process_exa
     let names = model.event_names();
     let subjects = schema::events::subjects(&f.db, &names, run.as_of).await.unwrap();
     let (first, last) = (subjects.first().unwrap(), subjects.last().unwrap());
-    let all = schema::events::of_subjects(&f.db, &names, first, last, run.as_of).await.unwrap();
+    let all = schema::events::of_subjects(&f.db, &names, first, last, run.as_of)
+        .await
+        .unwrap();
     let raw = scoring::score_events(&model, &all, run.as_of);
     let pairs: Vec<(String, f64)> = raw.iter().map(|r| (r.subject.clone(), r.raw)).collect();
     let normalized = scoring::normalize(&model, &pairs);
@@ -244,15 +283,25 @@ async fn rescoring_fans_out_over_two_worker_processes_and_equals_one_process_exa
 
     // The leaderboard the run wrote holds every subject, best first as in the database.
     let cache = jobs::cache::ReadCache::connect(REDIS_URL, &prefix, Default::default()).unwrap();
-    let top = cache.top("engagement", 10).await.unwrap().expect("the run wrote the board");
+    let top = cache
+        .top("engagement", 10)
+        .await
+        .unwrap()
+        .expect("the run wrote the board");
     assert_eq!(top.meta.subjects as usize, n);
-    assert_eq!(top.entries, schema::scores::top(&f.db, "engagement", 10).await.unwrap());
+    assert_eq!(
+        top.entries,
+        schema::scores::top(&f.db, "engagement", 10).await.unwrap()
+    );
 
     for w in &workers {
         sigterm(w);
     }
     for mut w in workers {
-        let status = tokio::time::timeout(Duration::from_secs(30), w.wait()).await.unwrap().unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), w.wait())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(status.success(), "a worker exited with {status}");
     }
     f.db.close().await.unwrap();

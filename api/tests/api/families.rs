@@ -42,16 +42,31 @@ async fn a_valid_batch_is_stored_and_a_bad_one_reports_every_bad_event() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["index"].as_u64().unwrap(), e["field"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["field"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         errors,
-        [(1, "name".into()), (1, "value".into()), (2, "name".into()), (2, "ts".into())]
+        [
+            (1, "name".into()),
+            (1, "value".into()),
+            (2, "name".into()),
+            (2, "ts".into())
+        ]
     );
     // All or nothing: the valid event of the bad batch was not stored.
     assert_eq!(schema::events::count(&app.db).await.unwrap(), 2);
 
-    let empty = app.client.post("/v1/events").body_json(&json!({"events": []})).send().await;
+    let empty = app
+        .client
+        .post("/v1/events")
+        .body_json(&json!({"events": []}))
+        .send()
+        .await;
     assert_problem(empty, StatusCode::UNPROCESSABLE_ENTITY, "invalid-events").await;
 }
 
@@ -118,7 +133,11 @@ async fn an_expired_leaderboard_is_rebuilt_exactly_once_under_fifty_concurrent_r
     let meta = format!("{}:{{lb.engagement}}:meta", app.prefix);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let exists: bool = redis::cmd("EXISTS").arg(&meta).query_async(&mut conn).await.unwrap();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&meta)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         if !exists {
             break;
         }
@@ -136,7 +155,11 @@ async fn an_expired_leaderboard_is_rebuilt_exactly_once_under_fifty_concurrent_r
         cached += usize::from(body["cached"] == true);
     }
     let after = state.metrics.render();
-    assert_eq!(counter(&after, "miss") - misses0, 1, "rebuilt more than once:\n{after}");
+    assert_eq!(
+        counter(&after, "miss") - misses0,
+        1,
+        "rebuilt more than once:\n{after}"
+    );
     assert_eq!(counter(&after, "hit") - hits0, 49);
     assert_eq!(cached, 49);
 }

@@ -369,7 +369,10 @@ mod tests {
         let all = default_schedules(3.0)
             .into_iter()
             .chain(crate::families::scoring::default_schedules())
-            .chain(crate::families::cache_warm::default_schedules([("leaderboards", "0 * * * * *")]));
+            .chain(crate::families::cache_warm::default_schedules([(
+                "leaderboards",
+                "0 * * * * *",
+            )]));
         for s in all {
             assert!(s.validate(&c).is_ok(), "{s:?}");
         }
