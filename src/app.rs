@@ -29,6 +29,10 @@ pub struct Stack {
     /// The Redis broker's URL and prefix, where the API keeps its rate-limit buckets so that
     /// replicas share them; `None` on other brokers (buckets per process).
     rate_limit_redis: Option<(crate::config::Secret, String)>,
+    /// The analytics, scoring and cache-warming families, once [`Stack::enable_families`]
+    /// ran: workers run their jobs with it and the API serves cached read models through its
+    /// cache.
+    pub families: Option<Arc<workers::families::Families>>,
 }
 
 /// Whether a process may migrate the database itself (`drover dev`) or must find it migrated.
@@ -72,6 +76,7 @@ impl Stack {
             api_config: api::ApiConfig::default(),
             rate_limit_redis: is_redis(conn.broker_url.expose())
                 .then(|| (conn.broker_url.clone(), conn.broker_prefix.clone())),
+            families: None,
         })
     }
 
@@ -91,7 +96,9 @@ impl Stack {
         if limits_url.is_none() && broker.contains("+cluster://") {
             // The limits' scripts speak to one Redis node; a cluster connection is not built
             // for them yet, and limits silently held per process would not be limits.
-            anyhow::bail!("[[limits]] on Redis Cluster need DROVER_LIMITS_URL: a standalone Redis every worker reaches");
+            anyhow::bail!(
+                "[[limits]] on Redis Cluster need DROVER_LIMITS_URL: a standalone Redis every worker reaches"
+            );
         }
         let redis_url = limits_url.or_else(|| plain_redis.then_some(broker));
         let limiter = match redis_url {
@@ -141,6 +148,29 @@ impl Stack {
         Ok(())
     }
 
+    /// Reads `[analytics]`, `[scoring]`, `[cache]` and `DROVER_CACHE_URL`, and opens the
+    /// read-model cache (lazily: an unreachable Redis fails cached reads, not the start).
+    pub fn enable_families(&mut self, conn: &Connections, args: &config::FamilyArgs) -> anyhow::Result<()> {
+        let (analytics, scoring, cache_cfg) = config::family_config(conn, args)?;
+        let cache = match &cache_cfg.url {
+            Some(url) => Some(
+                jobs::cache::ReadCache::connect(url, &conn.broker_prefix, cache_cfg.settings())
+                    .context("the cache URL")?,
+            ),
+            None => None,
+        };
+        self.families = Some(Arc::new(workers::families::Families::new(
+            self.db.clone(),
+            self.broker.clone(),
+            self.catalog.clone(),
+            cache,
+            analytics,
+            scoring,
+            cache_cfg,
+        )));
+        Ok(())
+    }
+
     /// Flushes the job history still in memory (bounded by `timeout`).
     pub async fn close(self, timeout: Duration) {
         let left = self.history_task.shutdown(timeout).await;
@@ -181,6 +211,9 @@ pub async fn serve_api(
     if let Some(b) = &stack.backups {
         state = state.with_backup_targets(b.targets());
     }
+    if let Some(c) = stack.families.as_ref().and_then(|f| f.cache.clone()) {
+        state = state.with_cache(c);
+    }
     let served = api::serve(listener, state, shutdown)
         .await
         .context("serving the API");
@@ -212,6 +245,9 @@ pub async fn run_workers(
         deps.backups = stack.backups.clone();
     }
     deps.chaos_drills |= args.chaos_drills;
+    if deps.families.is_none() {
+        deps.families = stack.families.clone();
+    }
     // Workers register their metric handles once, at start: the recorder must exist by then.
     api::install_metrics();
     workers::run(

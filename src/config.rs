@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use jobs::{CatalogConfig, QueueName, schedule::ScheduleConfig};
 use workers::families::backup::BackupConfig;
+use workers::families::config::{AnalyticsConfig, CacheConfig, ScoringConfig};
 
 pub use api::Secret;
 
@@ -259,6 +260,12 @@ pub struct FileConfig {
     pub backup: BackupConfig,
     /// `[[limits]]`: rate and concurrency limits of queues and kinds (see `jobs::limits`).
     pub limits: Vec<jobs::limits::LimitRule>,
+    /// `[analytics]`: default schedules, anomaly threshold, webhook.
+    pub analytics: AnalyticsConfig,
+    /// `[scoring]`: default schedule, chunk size.
+    pub scoring: ScoringConfig,
+    /// `[cache]`: Redis URL, TTLs, warmers.
+    pub cache: CacheConfig,
 }
 
 /// Reads the TOML file named by `--config`/`DROVER_CONFIG` (empty settings without one).
@@ -296,12 +303,28 @@ pub fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
             .map_err(anyhow::Error::msg)
             .context("in [[limits]]")?;
     }
+    let analytics = match table.remove("analytics") {
+        Some(v) => v.try_into::<AnalyticsConfig>().context("in [analytics]")?,
+        None => AnalyticsConfig::default(),
+    };
+    let scoring = match table.remove("scoring") {
+        Some(v) => v.try_into::<ScoringConfig>().context("in [scoring]")?,
+        None => ScoringConfig::default(),
+    };
+    let cache = match table.remove("cache") {
+        Some(v) => v.try_into::<CacheConfig>().context("in [cache]")?,
+        None => CacheConfig::default(),
+    };
+    cache.validate().map_err(anyhow::Error::msg)?;
     let catalog = toml::Value::Table(table).try_into::<CatalogConfig>()?;
     Ok(FileConfig {
         catalog,
         schedules,
         backup,
         limits,
+        analytics,
+        scoring,
+        cache,
     })
 }
 
@@ -363,21 +386,75 @@ pub fn backup_config(conn: &Connections, args: &BackupArgs) -> anyhow::Result<Ba
     Ok(cfg)
 }
 
-/// The schedules a scheduler seeds at start: the config file's `[[schedules]]`, then (with
-/// `backup.schedules`) the backup family's defaults for every configured target, except those
-/// whose name the file already defines.
+/// The schedules a scheduler seeds at start: the config file's `[[schedules]]`, then each
+/// family's defaults where its table enables them (`backup.schedules`: every configured
+/// target; `analytics.schedules`: rollups, anomalies, forecast; `scoring.schedules`: the
+/// recompute; `cache.schedules`: one per warmer), except those whose name the file already
+/// defines.
 pub fn default_schedules(conn: &Connections, backup: &BackupConfig) -> anyhow::Result<Vec<ScheduleConfig>> {
-    let mut out = file(conn)?.schedules;
+    let file = file(conn)?;
+    let mut out = file.schedules;
+    let mut family = Vec::new();
     if backup.schedules {
         let targets = backup.targets(Some(conn.database_url.expose()));
-        let family = jobs::families::backup::default_schedules(targets.iter().map(|(s, t)| (*s, t.as_str())));
-        for s in family {
-            if !out.iter().any(|d| d.name == s.name) {
-                out.push(s);
-            }
+        family.extend(jobs::families::backup::default_schedules(
+            targets.iter().map(|(s, t)| (*s, t.as_str())),
+        ));
+    }
+    if file.analytics.schedules {
+        family.extend(jobs::families::analytics::default_schedules(
+            file.analytics.anomaly_threshold,
+        ));
+    }
+    if file.scoring.schedules {
+        family.extend(jobs::families::scoring::default_schedules());
+    }
+    if file.cache.schedules {
+        family.extend(jobs::families::cache_warm::default_schedules(
+            file.cache
+                .warmers
+                .iter()
+                .map(|w| (w.name.as_str(), w.cron.as_str())),
+        ));
+    }
+    for s in family {
+        if !out.iter().any(|d| d.name == s.name) {
+            out.push(s);
         }
     }
     Ok(out)
+}
+
+/// The analytics, scoring and cache settings from the environment; the rest is `[analytics]`,
+/// `[scoring]` and `[cache]` in the TOML file.
+#[derive(Args, Clone, Debug, Default)]
+pub struct FamilyArgs {
+    /// Redis for the API's cached read models (leaderboards, analytics summaries); overrides
+    /// `cache.url`. Default: the broker's URL when it is a Redis URL; otherwise none (every
+    /// such read is computed from the database and counted as a miss).
+    #[arg(long, env = "DROVER_CACHE_URL")]
+    pub cache_url: Option<Secret>,
+}
+
+/// The three families' configuration: the file's tables, then the environment. The cache URL
+/// falls back to the broker's when that is Redis.
+pub fn family_config(
+    conn: &Connections,
+    args: &FamilyArgs,
+) -> anyhow::Result<(AnalyticsConfig, ScoringConfig, CacheConfig)> {
+    let f = file(conn)?;
+    let mut cache = f.cache;
+    if let Some(url) = &args.cache_url {
+        cache.url = Some(url.expose().to_owned());
+    }
+    if cache.url.is_none() {
+        let broker = conn.broker_url.expose();
+        if broker.starts_with("redis://") || broker.starts_with("rediss://") {
+            cache.url = Some(broker.to_owned());
+        }
+    }
+    cache.validate().map_err(anyhow::Error::msg)?;
+    Ok((f.analytics, f.scoring, cache))
 }
 
 /// drover's effective configuration as TOML, with every secret replaced: what the `config`
@@ -391,6 +468,13 @@ pub fn effective_config(conn: &Connections, catalog: &CatalogConfig, backup: &Ba
     if backup.webhook_url.is_some() {
         backup.webhook_url = Some("[redacted]".into());
     }
+    let families = file(conn).unwrap_or_default();
+    let mut analytics = families.analytics;
+    if analytics.webhook_url.is_some() {
+        analytics.webhook_url = Some("[redacted]".into());
+    }
+    let mut cache = families.cache;
+    cache.url = cache.url.as_deref().map(redact_url);
     for t in &mut backup.postgres {
         t.url = redact_url(&t.url);
     }
@@ -401,6 +485,9 @@ pub fn effective_config(conn: &Connections, catalog: &CatalogConfig, backup: &Ba
         broker_prefix: &'a str,
         catalog: &'a CatalogConfig,
         backup: BackupConfig,
+        analytics: AnalyticsConfig,
+        scoring: ScoringConfig,
+        cache: CacheConfig,
     }
     let doc = Effective {
         broker_url: redact_url(conn.broker_url.expose()),
@@ -408,6 +495,9 @@ pub fn effective_config(conn: &Connections, catalog: &CatalogConfig, backup: &Ba
         broker_prefix: &conn.broker_prefix,
         catalog,
         backup,
+        analytics,
+        scoring: families.scoring,
+        cache,
     };
     toml::to_string(&doc)
         .unwrap_or_else(|e| format!("# the effective configuration could not be rendered: {e}\n"))

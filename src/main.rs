@@ -9,8 +9,8 @@ use drover::{
     app::{self, Migrations, Stack},
     bench,
     config::{
-        self, ApiArgs, BackupArgs, Connections, RetryArgs, SchedulerArgs, SchedulerHealthArgs, WorkerArgs,
-        WorkerHealthArgs,
+        self, ApiArgs, BackupArgs, Connections, FamilyArgs, RetryArgs, SchedulerArgs, SchedulerHealthArgs,
+        WorkerArgs, WorkerHealthArgs,
     },
 };
 
@@ -45,6 +45,8 @@ enum Command {
         retry: RetryArgs,
         #[command(flatten)]
         backup: BackupArgs,
+        #[command(flatten)]
+        families: FamilyArgs,
     },
     /// The HTTP API.
     Api {
@@ -56,6 +58,8 @@ enum Command {
         retry: RetryArgs,
         #[command(flatten)]
         backup: BackupArgs,
+        #[command(flatten)]
+        families: FamilyArgs,
     },
     /// A worker process: consumes the given queues until SIGTERM/SIGINT.
     Worker {
@@ -69,6 +73,8 @@ enum Command {
         retry: RetryArgs,
         #[command(flatten)]
         backup: BackupArgs,
+        #[command(flatten)]
+        families: FamilyArgs,
     },
     /// The cron scheduler: enqueues each schedule's job at its ticks until SIGTERM/SIGINT. Run
     /// any number of replicas; each tick fires once.
@@ -157,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
             scheduler,
             retry,
             backup,
+            families,
         } => {
             let backup = config::backup_config(&conn, &backup)?;
             let defaults = config::default_schedules(&conn, &backup)?;
@@ -166,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
                 .enable_limits(&conn, worker.limits_url.as_ref().map(|u| u.expose()))
                 .await?;
             stack.api_config = api.security.api_config();
+            stack.enable_families(&conn, &families)?;
             app::seed_schedules(&stack, &defaults).await?;
             let first_key = drover::keys::first_dev_key(&stack.db).await?;
             let listener = app::bind(&api)?;
@@ -198,11 +206,13 @@ async fn main() -> anyhow::Result<()> {
             api,
             retry,
             backup,
+            families,
         } => {
             let mut stack =
                 Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
             stack.enable_backups(&conn, &backup)?;
             stack.api_config = api.security.api_config();
+            stack.enable_families(&conn, &families)?;
             let listener = app::bind(&api)?;
             tracing::info!(addr = %listener.local_addr()?, "API listening");
             let res = app::serve_api(&stack, listener, app::shutdown_signal()).await;
@@ -215,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
             health,
             retry,
             backup,
+            families,
         } => {
             let mut stack =
                 Stack::connect(&conn, config::catalog(&conn, &retry)?, Migrations::Require).await?;
@@ -222,6 +233,7 @@ async fn main() -> anyhow::Result<()> {
             stack
                 .enable_limits(&conn, worker.limits_url.as_ref().map(|u| u.expose()))
                 .await?;
+            stack.enable_families(&conn, &families)?;
             let res = app::run_worker_process(
                 &stack,
                 &worker,

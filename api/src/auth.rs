@@ -118,6 +118,19 @@ pub const RULES: &[(&str, Access)] = &[
     ("listBackups", Access::Role(Role::Viewer)),
     ("getBackup", Access::Role(Role::Viewer)),
     ("enqueueBackup", Access::Role(Role::Admin)),
+    ("ingestEvents", Access::Role(Role::Operator)),
+    ("listRollups", Access::Role(Role::Viewer)),
+    ("listAnomalies", Access::Role(Role::Viewer)),
+    ("listForecasts", Access::Role(Role::Viewer)),
+    ("slaReport", Access::Role(Role::Viewer)),
+    ("analyticsSummary", Access::Role(Role::Viewer)),
+    // A model's weights decide every score: changing one is an operator's call.
+    ("putScoreModel", Access::Role(Role::Operator)),
+    ("getScoreModel", Access::Role(Role::Viewer)),
+    ("recomputeScores", Access::Role(Role::Operator)),
+    ("getScoreRun", Access::Role(Role::Viewer)),
+    ("topScores", Access::Role(Role::Viewer)),
+    ("getSubjectScore", Access::Role(Role::Viewer)),
 ];
 
 /// The rule of an operation, if it has one.

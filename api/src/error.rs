@@ -39,6 +39,13 @@ pub enum ProblemType {
     InvalidBatch,
     /// A path segment that should be a job id is not a UUID.
     InvalidId,
+    /// One or more events of `POST /v1/events` are invalid; `errors` lists each (`index`,
+    /// `field`, `reason`, each of type `invalid-event`).
+    InvalidEvents,
+    /// One event of a batch is invalid (the type of each entry of an `invalid-events` problem).
+    InvalidEvent,
+    /// Redis, which the API serves cached read models from, did not answer.
+    CacheUnavailable,
     NotFound,
     MethodNotAllowed,
     NotCancelable,
@@ -70,6 +77,9 @@ impl ProblemType {
             ProblemType::InvalidQueue => "invalid-queue",
             ProblemType::InvalidBatch => "invalid-batch",
             ProblemType::InvalidId => "invalid-id",
+            ProblemType::InvalidEvents => "invalid-events",
+            ProblemType::InvalidEvent => "invalid-event",
+            ProblemType::CacheUnavailable => "cache-unavailable",
             ProblemType::NotFound => "not-found",
             ProblemType::MethodNotAllowed => "method-not-allowed",
             ProblemType::NotCancelable => "not-cancelable",
@@ -101,6 +111,9 @@ impl ProblemType {
             ProblemType::InvalidQueue => "Invalid queue name",
             ProblemType::InvalidBatch => "Some jobs of the batch are invalid",
             ProblemType::InvalidId => "Invalid job id",
+            ProblemType::InvalidEvents => "Some events of the batch are invalid",
+            ProblemType::InvalidEvent => "Invalid event",
+            ProblemType::CacheUnavailable => "The cache is unavailable",
             ProblemType::NotFound => "Not found",
             ProblemType::MethodNotAllowed => "Method not allowed",
             ProblemType::NotCancelable => "The job can no longer be canceled",
@@ -186,6 +199,11 @@ pub enum ApiError {
     /// A request (single job or batch) failed validation; nothing was enqueued.
     #[error("{}", validation_detail(.errors, *.batch))]
     Invalid { errors: Vec<FieldError>, batch: bool },
+    /// Events of a `POST /v1/events` batch failed validation; none was stored.
+    #[error("{} event(s) of the batch are invalid; nothing was stored", count_indexes(.0))]
+    InvalidEvents(Vec<FieldError>),
+    #[error("the cache did not answer; try again shortly")]
+    CacheUnavailable(#[source] jobs::cache::CacheError),
     #[error("{0}")]
     NotFound(String),
     #[error("job {id} is {state} and can no longer be canceled")]
@@ -243,6 +261,12 @@ impl std::fmt::Display for AuthFailure {
 /// Whole seconds to wait, rounded up (a `Retry-After` of 0 would invite an instant retry).
 fn retry_after_s(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn count_indexes(errors: &[FieldError]) -> usize {
+    let mut idx: Vec<u32> = errors.iter().filter_map(|e| e.index).collect();
+    idx.dedup();
+    idx.len().max(1)
 }
 
 fn validation_detail(errors: &[FieldError], batch: bool) -> String {
@@ -314,6 +338,8 @@ impl ApiError {
             ApiError::InvalidQueue(_) => ProblemType::InvalidQueue,
             ApiError::Invalid { batch: true, .. } => ProblemType::InvalidBatch,
             ApiError::Invalid { errors, .. } => errors.first().map_or(ProblemType::InvalidField, |e| e.kind),
+            ApiError::InvalidEvents(_) => ProblemType::InvalidEvents,
+            ApiError::CacheUnavailable(_) => ProblemType::CacheUnavailable,
             ApiError::NotFound(_) => ProblemType::NotFound,
             ApiError::NotCancelable { .. } => ProblemType::NotCancelable,
             ApiError::PayloadTooLarge { .. } => ProblemType::PayloadTooLarge,
@@ -338,13 +364,14 @@ impl ApiError {
             ApiError::Auth(AuthFailure::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthFailure::Forbidden { .. }) => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid { .. } | ApiError::InvalidEvents(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotCancelable { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BrokerUnavailable(_) | ApiError::DatabaseUnavailable(_) | ApiError::NotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::BrokerUnavailable(_)
+            | ApiError::DatabaseUnavailable(_)
+            | ApiError::NotReady(_)
+            | ApiError::CacheUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Http { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -373,7 +400,7 @@ impl ApiError {
             status: self.status().as_u16(),
             detail: self.to_string(),
             errors: match self {
-                ApiError::Invalid { errors, .. } => Some(errors.clone()),
+                ApiError::Invalid { errors, .. } | ApiError::InvalidEvents(errors) => Some(errors.clone()),
                 _ => None,
             },
             checks: match self {
@@ -388,6 +415,7 @@ impl ApiError {
         match self {
             ApiError::Internal(e) => tracing::error!(error = format!("{e:#}"), "request failed"),
             ApiError::BrokerUnavailable(e) => tracing::warn!(error = %e, "broker unavailable"),
+            ApiError::CacheUnavailable(e) => tracing::warn!(error = %e, "cache unavailable"),
             ApiError::DatabaseUnavailable(e) => {
                 tracing::warn!(error = format!("{e:#}"), "history database unavailable")
             }
@@ -541,6 +569,15 @@ pub(crate) fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_owned());
     ApiError::Internal(anyhow::anyhow!("a handler panicked: {message}")).render()
+}
+
+impl From<jobs::cache::CacheError> for ApiError {
+    fn from(e: jobs::cache::CacheError) -> Self {
+        match e {
+            jobs::cache::CacheError::Redis(_) => ApiError::CacheUnavailable(e),
+            other => ApiError::Internal(anyhow::Error::new(other).context("a cached read model")),
+        }
+    }
 }
 
 #[cfg(test)]

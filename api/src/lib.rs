@@ -135,6 +135,9 @@ pub struct AppState {
     pub rate_limiter: Arc<RateLimiter>,
     /// Where mutating calls are audited; `None` logs them only.
     pub audit: Option<schema::audit::AuditWriter>,
+    /// Redis for cached read models (leaderboards, analytics summaries); without one every
+    /// such read is computed from the database and counted as a miss.
+    pub cache: Option<jobs::cache::ReadCache>,
 }
 
 impl AppState {
@@ -158,6 +161,7 @@ impl AppState {
             backup_targets: None,
             rate_limiter: Arc::new(RateLimiter::default()),
             audit: None,
+            cache: None,
         }
     }
 
@@ -168,6 +172,11 @@ impl AppState {
 
     pub fn with_audit(mut self, audit: schema::audit::AuditWriter) -> Self {
         self.audit = Some(audit);
+        self
+    }
+
+    pub fn with_cache(mut self, cache: jobs::cache::ReadCache) -> Self {
+        self.cache = Some(cache);
         self
     }
 

@@ -22,6 +22,11 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "drover_http_request_duration_se
 /// refreshed from the broker whenever `/metrics` is scraped.
 pub const QUEUE_DEPTH: &str = "drover_queue_depth";
 
+/// Counter `{cache, result}`: reads of cached read models (`leaderboard`,
+/// `analytics-summary`), `hit` when Redis had it, `miss` when the request computed it (every
+/// read is a miss when no cache is configured).
+pub const CACHE_REQUESTS_TOTAL: &str = "drover_cache_requests_total";
+
 /// The `route` label of requests no route matched (kept to one value to bound cardinality).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
@@ -69,6 +74,10 @@ fn describe() {
         "Time to answer an HTTP request"
     );
     metrics::describe_gauge!(QUEUE_DEPTH, "Jobs per queue and state, as of the last scrape");
+    metrics::describe_counter!(
+        CACHE_REQUESTS_TOTAL,
+        "Reads of cached read models, by cache and result"
+    );
 }
 
 /// `drover_jobs_enqueued_total` handles by queue, then kind: registered once per pair, so that
@@ -95,6 +104,11 @@ pub(crate) fn job_enqueued(queue: &str, kind: &str) {
         counter
     });
     counter.increment(1);
+}
+
+/// Counts one read of cache `cache` (a handful of fixed names: the label set stays small).
+pub(crate) fn cache_request(cache: &'static str, result: jobs::cache::CacheResult) {
+    metrics::counter!(CACHE_REQUESTS_TOTAL, "cache" => cache, "result" => result.as_str()).increment(1);
 }
 
 /// Sets the queue-depth gauges from the broker's statistics; gives up after `timeout` so that

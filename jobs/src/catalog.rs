@@ -97,6 +97,9 @@ fn builtin() -> Vec<KindSpec> {
         },
     ];
     kinds.extend(crate::families::backup::kinds());
+    kinds.extend(crate::families::analytics::kinds());
+    kinds.extend(crate::families::scoring::kinds());
+    kinds.extend(crate::families::cache_warm::kinds());
     kinds
 }
 

@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod broker;
+pub mod cache;
 pub mod catalog;
 pub mod families;
 pub mod job;
@@ -24,6 +25,7 @@ pub mod limits;
 pub mod queue;
 pub mod retry;
 pub mod schedule;
+pub mod stats;
 
 pub use backend::{JobRef, QueueBackend, SettledCount};
 pub use broker::{

@@ -7,12 +7,16 @@
 //! This crate depends on no other drover crate.
 #![forbid(unsafe_code)]
 
+/// The analytics family's tables: rollups, anomalies, forecasts.
+pub mod analytics;
 /// The audit log of mutating API calls and its batched writer.
 pub mod audit;
 /// The backup catalog: rows the backup workers write and the API, CLI and prune read.
 pub mod backups;
 /// The tables as sea-orm entities: persistence only, no domain rules.
 pub mod entity;
+/// Events posted to `POST /v1/events`: the batch insert and the scans.
+pub mod events;
 /// Recording job events: the event types, the batched upsert and the background writer.
 pub mod history;
 /// API keys as stored (hashed): insert, look up, list, revoke, record use.
@@ -23,6 +27,10 @@ pub mod migration;
 pub mod queries;
 /// Cron schedules: the API's and config file's writes, and the scheduler replicas' claims.
 pub mod schedules;
+/// Scoring models, scores, recompute runs and their chunks.
+pub mod scores;
+/// What the HTTP cache warmers' URLs answered.
+pub mod warm;
 
 use std::time::Duration;
 

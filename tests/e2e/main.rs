@@ -3,6 +3,8 @@
 
 /// Backups through the API, the workers and the CLI: retries, the dead set, the webhook.
 mod backups;
+/// Analytics rollups and the fanned-out rescoring against Postgres, Redis and two worker processes.
+mod families;
 /// Fault drills: workers killed with SIGKILL mid-run.
 mod faults;
 /// The Kubernetes manifests (k8s/) against the code: KEDA triggers, scaling, drain periods.

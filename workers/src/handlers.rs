@@ -44,6 +44,9 @@ pub struct Deps {
     pub backups: Option<Arc<crate::families::backup::Backups>>,
     /// Whether `sleep` jobs may abort this process (`DROVER_CHAOS_DRILLS`).
     pub chaos_drills: bool,
+    /// The analytics, scoring and cache-warming families' state; `None` fails their jobs
+    /// permanently.
+    pub families: Option<Arc<crate::families::Families>>,
 }
 
 /// When a probed job was enqueued and when its handler started (epoch µs, realtime clock).
@@ -85,6 +88,26 @@ impl Registry {
             handlers.insert(kinds::VERIFY, |job, deps| Box::pin(backup::verify(job, deps)));
             handlers.insert(kinds::PRUNE, |job, deps| Box::pin(backup::prune(job, deps)));
         }
+        {
+            use crate::families::{analytics, cache_warm, scoring};
+            use jobs::families as k;
+            handlers.insert(k::analytics::ROLLUP, |job, deps| {
+                Box::pin(analytics::run_rollup(job, deps))
+            });
+            handlers.insert(k::analytics::ANOMALIES, |job, deps| {
+                Box::pin(analytics::run_anomalies(job, deps))
+            });
+            handlers.insert(k::analytics::FORECAST, |job, deps| {
+                Box::pin(analytics::run_forecast(job, deps))
+            });
+            handlers.insert(k::scoring::RECOMPUTE, |job, deps| {
+                Box::pin(scoring::recompute(job, deps))
+            });
+            handlers.insert(k::scoring::CHUNK, |job, deps| Box::pin(scoring::chunk(job, deps)));
+            handlers.insert(k::cache_warm::WARM, |job, deps| {
+                Box::pin(cache_warm::run(job, deps))
+            });
+        }
         Self { handlers }
     }
 
@@ -95,5 +118,12 @@ impl Registry {
     /// The kinds this registry runs.
     pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.handlers.keys().copied()
+    }
+}
+
+/// Redis for read models being down passes; the next attempt may find it back.
+impl From<jobs::cache::CacheError> for JobError {
+    fn from(e: jobs::cache::CacheError) -> Self {
+        JobError::retryable(e)
     }
 }

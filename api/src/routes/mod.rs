@@ -6,8 +6,12 @@ use poem_openapi::Tags;
 
 use crate::AppState;
 
+/// `GET /v1/analytics/rollups|anomalies|forecasts|sla|summary`.
+pub(crate) mod analytics;
 /// `GET /v1/backups`, `GET /v1/backups/{id}`, `POST /v1/backups`.
 pub(crate) mod backups;
+/// `POST /v1/events`.
+pub(crate) mod events;
 /// `GET /healthz`, `GET /readyz`, `GET /metrics`.
 pub(crate) mod health;
 /// `POST /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
@@ -16,6 +20,9 @@ pub(crate) mod jobs;
 pub(crate) mod queues;
 /// `GET /v1/schedules`, `GET|PUT|DELETE /v1/schedules/{name}`.
 pub(crate) mod schedules;
+/// `PUT|GET /v1/scores/{model}`, `POST …/recompute`, `GET …/runs/{id}`, `GET …/top`,
+/// `GET …/subjects/{id}`.
+pub(crate) mod scores;
 
 /// The whole API, as poem-openapi composes it.
 pub(crate) type Api = (
@@ -23,6 +30,9 @@ pub(crate) type Api = (
     queues::QueuesApi,
     schedules::SchedulesApi,
     backups::BackupsApi,
+    events::EventsApi,
+    analytics::AnalyticsApi,
+    scores::ScoresApi,
     health::HealthApi,
 );
 
@@ -32,6 +42,9 @@ pub(crate) fn api(state: AppState) -> Api {
         queues::QueuesApi::new(state.clone()),
         schedules::SchedulesApi::new(state.clone()),
         backups::BackupsApi::new(state.clone()),
+        events::EventsApi::new(state.clone()),
+        analytics::AnalyticsApi::new(state.clone()),
+        scores::ScoresApi::new(state.clone()),
         health::HealthApi::new(state),
     )
 }
@@ -46,6 +59,12 @@ pub(crate) enum ApiTags {
     Schedules,
     /// Backups: the catalog, and taking one now.
     Backups,
+    /// Events for the analytics and scoring families.
+    Events,
+    /// Rollups, anomalies, forecasts and SLA reports computed from events and job history.
+    Analytics,
+    /// Scoring models, leaderboards and explained scores.
+    Scores,
     /// Liveness, readiness and Prometheus metrics.
     Health,
 }

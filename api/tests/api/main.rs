@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod families;
 mod health;
 mod jobs;
 mod queues;

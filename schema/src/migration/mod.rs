@@ -5,6 +5,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 mod m20261123_000001_job_history;
 mod m20261123_100000_schedules;
 mod m20261123_110000_backups;
+mod m20261201_120000_families;
 mod m20261201_130000_api_keys_and_audit;
 
 /// Every migration this build knows, oldest first.
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_job_history::Migration),
             Box::new(m20261123_100000_schedules::Migration),
             Box::new(m20261123_110000_backups::Migration),
+            Box::new(m20261201_120000_families::Migration),
             Box::new(m20261201_130000_api_keys_and_audit::Migration),
         ]
     }
