@@ -92,6 +92,7 @@ async fn env() -> Env {
         BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -118,6 +119,8 @@ fn job(q: &QueueName, max_attempts: u32) -> Job {
         trace_id: None,
         idempotency_key: None,
         attempt: 0,
+        crashes: 0,
+        attempts_before: 0,
         receipt: 0,
     }
 }
@@ -506,6 +509,7 @@ async fn a_job_canceled_through_another_process_is_never_delivered() {
         BrokerOptions {
             prefix: e.prefix.clone(),
             db: e.db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -574,6 +578,7 @@ async fn an_unreachable_rabbitmq_makes_calls_fail_as_unavailable_without_hanging
         BrokerOptions {
             prefix: "unreachable".into(),
             db,
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -659,6 +664,7 @@ async fn after_a_lost_connection_pushes_and_consumers_resume_and_unacked_jobs_co
         BrokerOptions {
             prefix: e.prefix.clone(),
             db: e.db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await

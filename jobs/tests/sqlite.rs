@@ -55,6 +55,8 @@ impl TestBroker {
             trace_id: None,
             idempotency_key: None,
             attempt: 0,
+            crashes: 0,
+            attempts_before: 0,
             receipt: 0,
         }
     }

@@ -12,6 +12,8 @@ pub mod backups;
 pub mod entity;
 /// Recording job events: the event types, the batched upsert and the background writer.
 pub mod history;
+/// Idempotency keys for brokers that cannot keep them (RabbitMQ).
+pub mod idempotency;
 /// Schema migrations, applied by `drover migrate`.
 pub mod migration;
 /// Read queries and the few direct writes the API makes (cancel).

@@ -40,6 +40,8 @@ pub struct WorkerSettings {
     pub prefetch: usize,
     /// Visibility timeout: a job held by a worker that stops renewing comes back after this.
     pub lease: Duration,
+    /// Crashes of its worker after which a job is quarantined in the dead set.
+    pub quarantine_after: u32,
     /// How long running jobs may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Prefix of this process's worker names (unique names are derived from it).
@@ -58,6 +60,7 @@ impl Default for WorkerSettings {
             concurrency: 50,
             prefetch: 100,
             lease: Duration::from_secs(30),
+            quarantine_after: jobs::broker::QUARANTINE_AFTER,
             shutdown_grace: Duration::from_secs(30),
             name: default_name(),
             settled: Default::default(),
@@ -98,6 +101,7 @@ pub async fn run(
             worker: worker.clone(),
             prefetch: settings.prefetch,
             lease: settings.lease,
+            quarantine_after: settings.quarantine_after,
             settled: settings.settled.clone(),
             ..ConsumerConfig::default()
         };

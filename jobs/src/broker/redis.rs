@@ -10,6 +10,7 @@
 //! | `P:{q}:state` | HASH | id → `status\|worker\|started ms\|finished ms` (a running job's entry is its lease's fencing token) |
 //! | `P:{q}:attempts` | HASH | id → attempts that have ended (absent: none) |
 //! | `P:{q}:error` | HASH | id → the last attempt's error |
+//! | `P:{q}:crashes` | HASH | id → deliveries whose lease ran out (the worker died holding it); at `quarantine_after` the job is dead |
 //! | `P:{q}:scheduled` | ZSET | delayed jobs and retries, scored by run-at ms |
 //! | `P:{q}:leased` | ZSET | jobs handed to a worker, scored by lease deadline. **KEDA also reads its ZCARD** (running jobs keep a worker up). |
 //! | `P:{q}:dead` | ZSET | the dead set, scored by time of death |
@@ -38,7 +39,9 @@ use std::{
 use async_trait::async_trait;
 use redis::{AsyncConnectionConfig, Client, Script, aio::ConnectionManager, aio::MultiplexedConnection};
 
-use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+use super::{
+    BrokerError, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer, QueueStats,
+};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
     queue::QueueName,
@@ -53,6 +56,8 @@ const IDEMPOTENCY_WINDOW_S: u64 = 86_400;
 /// Jobs per script call when pushing a batch, so one call never blocks Redis for long (and
 /// Lua's `unpack` stays far below its limit of about 8,000 values).
 const PUSH_CHUNK: usize = 1_000;
+/// Dead jobs per script call when retrying or discarding a whole dead set.
+const DEAD_SLICE: usize = 500;
 
 impl From<redis::RedisError> for BrokerError {
     fn from(e: redis::RedisError) -> Self {
@@ -84,6 +89,7 @@ struct Keys {
     state: String,
     attempts: String,
     error: String,
+    crashes: String,
     claim_prefix: String,
     idem_prefix: String,
 }
@@ -103,6 +109,7 @@ impl Keys {
             state: format!("{base}:state"),
             attempts: format!("{base}:attempts"),
             error: format!("{base}:error"),
+            crashes: format!("{base}:crashes"),
             claim_prefix: format!("{base}:claim:"),
             idem_prefix: format!("{base}:idem:"),
         }
@@ -150,6 +157,8 @@ struct Scripts {
     release: Script,
     renew: Script,
     cancel: Script,
+    revive: Script,
+    discard: Script,
 }
 
 impl Scripts {
@@ -161,6 +170,8 @@ impl Scripts {
             release: Script::new(RELEASE_LUA),
             renew: Script::new(RENEW_LUA),
             cancel: Script::new(CANCEL_LUA),
+            revive: Script::new(REVIVE_LUA),
+            discard: Script::new(DISCARD_LUA),
         }
     }
 }
@@ -281,6 +292,116 @@ impl RedisBroker {
             .query_async(&mut conn)
             .await?;
         record(id, &q, &state, data.as_deref(), error, attempts).map(|r| Some((q, r)))
+    }
+
+    /// Puts dead jobs of `q` back in line with a fresh attempt budget; returns how many were
+    /// still dead.
+    async fn revive(&self, q: &QueueName, ids: &[String]) -> Result<u64, BrokerError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys = self.keys(q);
+        let mut conn = self.conn.clone();
+        type Column = Vec<Option<String>>;
+        let (states, data, attempts): (Column, Column, Vec<Option<u32>>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&keys.state)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&keys.data)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&keys.attempts)
+            .arg(ids)
+            .query_async(&mut conn)
+            .await?;
+        let mut inv = self.scripts.revive.prepare_invoke();
+        inv.key(&keys.dead)
+            .key(&keys.state)
+            .key(&keys.data)
+            .key(&keys.crashes)
+            .key(&keys.pending);
+        for ((id, state), (data, made)) in ids.iter().zip(states).zip(data.into_iter().zip(attempts)) {
+            let (Some(state), Some(data)) = (state, data) else {
+                continue;
+            };
+            let job: Job =
+                serde_json::from_str(&data).map_err(|e| BrokerError::Corrupt(format!("job {id}: {e}")))?;
+            let revived = serde_json::to_string(&job.revived(made.unwrap_or(0)))
+                .map_err(|e| BrokerError::Other(e.to_string()))?;
+            inv.arg(id).arg(state).arg(revived);
+        }
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    async fn discard(&self, q: &QueueName, ids: &[String]) -> Result<u64, BrokerError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys = self.keys(q);
+        let mut conn = self.conn.clone();
+        Ok(self
+            .scripts
+            .discard
+            .key(&keys.dead)
+            .key(&keys.state)
+            .key(&keys.data)
+            .key(&keys.attempts)
+            .key(&keys.error)
+            .key(&keys.crashes)
+            .arg(ids)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Applies `op` to the whole dead set of `q`, a slice at a time; returns how many it took.
+    async fn whole_dead_set<'a, F, Fut>(&'a self, q: &'a QueueName, op: F) -> Result<u64, BrokerError>
+    where
+        F: Fn(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, BrokerError>> + 'a,
+    {
+        let keys = self.keys(q);
+        let mut total = 0;
+        loop {
+            let mut conn = self.conn.clone();
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&keys.dead)
+                .arg(0)
+                .arg(DEAD_SLICE - 1)
+                .query_async(&mut conn)
+                .await?;
+            if ids.is_empty() {
+                return Ok(total);
+            }
+            let n = op(ids).await?;
+            if n == 0 {
+                // Nothing there could be taken (entries without a job): stop rather than spin.
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// A dead-set operation on one job: `op` returns how many it took (0 or 1).
+    async fn on_dead_job<'a, F, Fut>(&'a self, id: JobId, op: F) -> Result<DeadOutcome, BrokerError>
+    where
+        F: FnOnce(QueueName, Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, BrokerError>> + 'a,
+    {
+        let Some((q, rec)) = self.locate(id).await? else {
+            return Ok(DeadOutcome::NotFound);
+        };
+        if rec.status != JobState::Dead {
+            return Ok(DeadOutcome::NotDead(rec.status));
+        }
+        if op(q, vec![id.to_string()]).await? == 1 {
+            return Ok(DeadOutcome::Done);
+        }
+        // Changed in between (another API replica retried or discarded it).
+        Ok(match self.locate(id).await? {
+            Some((_, rec)) => DeadOutcome::NotDead(rec.status),
+            None => DeadOutcome::NotFound,
+        })
     }
 }
 
@@ -452,6 +573,26 @@ impl Producer for RedisBroker {
             .collect()
     }
 
+    async fn retry_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        self.on_dead_job(id, |q, ids| async move { self.revive(&q, &ids).await })
+            .await
+    }
+
+    async fn retry_all_dead(&self, q: &QueueName) -> Result<u64, BrokerError> {
+        self.whole_dead_set(q, |ids| async move { self.revive(q, &ids).await })
+            .await
+    }
+
+    async fn discard_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        self.on_dead_job(id, |q, ids| async move { self.discard(&q, &ids).await })
+            .await
+    }
+
+    async fn discard_all_dead(&self, q: &QueueName) -> Result<u64, BrokerError> {
+        self.whole_dead_set(q, |ids| async move { self.discard(q, &ids).await })
+            .await
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
@@ -466,6 +607,7 @@ impl Producer for RedisBroker {
             // `|` separates the fields of a state entry.
             worker: cfg.worker.replace('|', "_").into(),
             lease_ms: cfg.lease.as_millis() as u64,
+            quarantine_after: cfg.quarantine_after.max(1),
             block_timeout: cfg.block + Duration::from_secs(5),
             blocking: tokio::sync::Mutex::new(None),
             wake: tokio::sync::Notify::new(),
@@ -521,6 +663,7 @@ struct RedisDriver {
     keys: Arc<Keys>,
     worker: Arc<str>,
     lease_ms: u64,
+    quarantine_after: u32,
     block_timeout: Duration,
     /// The connection idle waits block on; a blocked command would stall every other command
     /// multiplexed on a shared connection.
@@ -549,25 +692,29 @@ impl RedisDriver {
             .key(&k.state)
             .key(&k.error)
             .key(&k.attempts)
+            .key(&k.crashes)
             .arg(now)
             .arg(now + self.lease_ms as i64)
             .arg(max)
             .arg(&*self.worker)
             .arg(&k.claim_prefix)
             .arg(StateEntry::running(&self.worker, now as u64))
+            .arg(self.quarantine_after)
             .invoke_async(&mut conn)
             .await?;
         let mut it = out.into_iter();
         let next: i64 = it.next().map(redis::from_redis_value).transpose()?.unwrap_or(-1);
-        let mut jobs = Vec::with_capacity(it.len() / 2);
-        while let (Some(a), Some(d)) = (it.next(), it.next()) {
+        let mut jobs = Vec::with_capacity(it.len() / 3);
+        while let (Some(a), Some(c), Some(d)) = (it.next(), it.next(), it.next()) {
             let ended: Option<u32> = redis::from_redis_value(a)?;
+            let crashes: Option<u32> = redis::from_redis_value(c)?;
             let redis::Value::BulkString(data) = d else {
                 return Err(BrokerError::Corrupt(format!("job envelope: {d:?}")));
             };
             let mut job: Job = serde_json::from_slice(&data)
                 .map_err(|e| BrokerError::Corrupt(format!("job envelope: {e}")))?;
             job.attempt = ended.unwrap_or(0) + 1;
+            job.crashes = crashes.unwrap_or(0);
             // The lease's time: with the worker, the fencing token its settlement must match.
             job.receipt = now as u64;
             jobs.push(job);
@@ -649,7 +796,8 @@ impl Driver for RedisDriver {
             .key(&k.error)
             .key(&k.finished)
             .key(&k.data)
-            .key(&k.attempts);
+            .key(&k.attempts)
+            .key(&k.crashes);
         inv.arg(now_ms() - FINISHED_TTL_MS);
         for s in batch {
             let (code, at, err) = match &s.outcome {
@@ -757,11 +905,13 @@ return out
 
 const FETCH_LUA: &str = r#"
 -- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats, data, state,
---       error, attempts
--- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix, the leased jobs' state entry
+--       error, attempts, crashes
+-- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix, the leased jobs' state entry,
+--       crashes after which a job is quarantined
 -- Returns: next scheduled run-at ms (-1 if none), then per leased job the attempts it has had
--- (false for none) and its envelope.
+-- (false for none), its crashes (false for none) and its envelope.
 local now, deadline, max, worker, cp, running = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local quarantine = tonumber(ARGV[7])
 redis.call('ZADD', KEYS[5], deadline, worker)
 
 -- Claims of workers that stopped heartbeating go back to the front of the line.
@@ -770,7 +920,8 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0,
   redis.call('ZREM', KEYS[5], w)
 end
 
--- Leases that ran out: the worker died or hung. The attempt counts; out of attempts means dead.
+-- Leases that ran out: the worker died or hung. The attempt counts, and so does the crash: out
+-- of attempts means dead, and so does a job that has now taken down `quarantine` workers.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 if #expired > 0 then
   redis.call('ZREM', KEYS[2], unpack(expired))
@@ -779,11 +930,16 @@ if #expired > 0 then
     local held = string.match(states[i] or '', '^running(|.*)$')
     if held then
       local a = redis.call('HINCRBY', KEYS[11], id, 1)
+      local c = redis.call('HINCRBY', KEYS[12], id, 1)
       local ok, job = pcall(cjson.decode, redis.call('HGET', KEYS[8], id) or '')
       local max_attempts = ok and tonumber(job['max_attempts']) or 1
-      if a >= max_attempts then
+      if a >= max_attempts or c >= quarantine then
         redis.call('HSET', KEYS[9], id, 'dead' .. string.match(held, '^(|[^|]*|[^|]*|)') .. now)
-        redis.call('HSET', KEYS[10], id, 'lease expired: the worker running it stopped responding')
+        if c >= quarantine then
+          redis.call('HSET', KEYS[10], id, 'quarantined: its worker died ' .. c .. ' times while running it')
+        else
+          redis.call('HSET', KEYS[10], id, 'lease expired: the worker running it stopped responding')
+        end
         redis.call('ZADD', KEYS[6], now, id)
         redis.call('HINCRBY', KEYS[7], 'failed', 1)
       else
@@ -824,6 +980,9 @@ if #ids == 0 then return out end
 local states = redis.call('HMGET', KEYS[9], unpack(ids))
 local envs = redis.call('HMGET', KEYS[8], unpack(ids))
 local tries = redis.call('HMGET', KEYS[11], unpack(ids))
+-- Crashes are rare: read them only when some job of the queue has any.
+local crashed = {}
+if redis.call('HLEN', KEYS[12]) > 0 then crashed = redis.call('HMGET', KEYS[12], unpack(ids)) end
 local set, leased = {}, {}
 for i, id in ipairs(ids) do
   -- Anything but pending was canceled while its id sat in a claim list.
@@ -834,6 +993,7 @@ for i, id in ipairs(ids) do
     leased[#leased + 1] = deadline
     leased[#leased + 1] = id
     out[#out + 1] = tries[i]
+    out[#out + 1] = crashed[i] or false
     out[#out + 1] = envs[i]
   end
 end
@@ -845,7 +1005,7 @@ return out
 "#;
 
 const SETTLE_LUA: &str = r#"
--- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data, attempts
+-- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data, attempts, crashes
 -- ARGV: finished-before ms (older finished jobs are forgotten), then per job: id, the state
 --       entry of its lease, its state entry after, attempt, s|r|d, retry-at ms, error, finished ms
 local forget = ARGV[1]
@@ -897,7 +1057,7 @@ if #retry > 0 then redis.call('ZADD', KEYS[2], unpack(retry)) end
 if #dead > 0 then redis.call('ZADD', KEYS[3], unpack(dead)) end
 -- A succeeded job is done with the broker: the history database answers for it from now on.
 if #gone > 0 then
-  for _, k in ipairs({KEYS[6], KEYS[9], KEYS[10], KEYS[7]}) do redis.call('HDEL', k, unpack(gone)) end
+  for _, k in ipairs({KEYS[6], KEYS[9], KEYS[10], KEYS[7], KEYS[11]}) do redis.call('HDEL', k, unpack(gone)) end
 end
 if done > 0 then redis.call('HINCRBY', KEYS[4], 'done', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[4], 'failed', failed) end
@@ -910,6 +1070,7 @@ if #old > 0 then
   redis.call('HDEL', KEYS[7], unpack(old))
   redis.call('HDEL', KEYS[9], unpack(old))
   redis.call('HDEL', KEYS[10], unpack(old))
+  redis.call('HDEL', KEYS[11], unpack(old))
 end
 return 0
 "#;
@@ -959,4 +1120,37 @@ end
 redis.call('HSET', KEYS[3], id, 'canceled|||' .. now)
 redis.call('ZADD', KEYS[4], now, id)
 return s
+"#;
+
+const REVIVE_LUA: &str = r#"
+-- KEYS: dead, state, data, crashes, pending
+-- ARGV: per job: id, its state entry as read (the script acts only if it is unchanged), its
+--       revived envelope
+-- Dead jobs join the line like new ones, with a fresh attempt budget; their attempt count and
+-- last error stay. Returns how many.
+local n = 0
+for i = 1, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) == ARGV[i + 1] and redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('HSET', KEYS[3], id, ARGV[i + 2])
+    redis.call('HSET', KEYS[2], id, 'pending|||')
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('LPUSH', KEYS[5], id)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+const DISCARD_LUA: &str = r#"
+-- KEYS: dead, state, data, attempts, error, crashes; ARGV: ids
+-- Forgets dead jobs (the history database keeps their record). Returns how many.
+local n = 0
+for _, id in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    for k = 2, 6 do redis.call('HDEL', KEYS[k], id) end
+    n = n + 1
+  end
+end
+return n
 "#;

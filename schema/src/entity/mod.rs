@@ -3,6 +3,8 @@
 
 /// One row per backup: where its object is, how big, its digest and status.
 pub mod backup;
+/// One row per idempotency key a RabbitMQ push claimed, until it expires.
+pub mod idempotency_key;
 /// One row per job: its latest known state.
 pub mod job;
 /// One row per attempt at running a job.

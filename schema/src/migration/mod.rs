@@ -5,6 +5,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 mod m20261123_000001_job_history;
 mod m20261123_100000_schedules;
 mod m20261123_110000_backups;
+mod m20261201_140000_idempotency_keys;
 
 /// Every migration this build knows, oldest first.
 pub struct Migrator;
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_job_history::Migration),
             Box::new(m20261123_100000_schedules::Migration),
             Box::new(m20261123_110000_backups::Migration),
+            Box::new(m20261201_140000_idempotency_keys::Migration),
         ]
     }
 }
