@@ -42,6 +42,8 @@ pub enum ProblemType {
     NotFound,
     MethodNotAllowed,
     NotCancelable,
+    /// A retry of a job that is not in the dead set.
+    NotDead,
     PayloadTooLarge,
     UnsupportedMediaType,
     BrokerUnavailable,
@@ -65,6 +67,7 @@ impl ProblemType {
             ProblemType::NotFound => "not-found",
             ProblemType::MethodNotAllowed => "method-not-allowed",
             ProblemType::NotCancelable => "not-cancelable",
+            ProblemType::NotDead => "not-dead",
             ProblemType::PayloadTooLarge => "payload-too-large",
             ProblemType::UnsupportedMediaType => "unsupported-media-type",
             ProblemType::BrokerUnavailable => "broker-unavailable",
@@ -92,6 +95,7 @@ impl ProblemType {
             ProblemType::NotFound => "Not found",
             ProblemType::MethodNotAllowed => "Method not allowed",
             ProblemType::NotCancelable => "The job can no longer be canceled",
+            ProblemType::NotDead => "The job is not in the dead set",
             ProblemType::PayloadTooLarge => "The request body is too large",
             ProblemType::UnsupportedMediaType => "Unsupported media type",
             ProblemType::BrokerUnavailable => "The broker is unavailable",
@@ -174,6 +178,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("job {id} is {state} and can no longer be canceled")]
     NotCancelable { id: jobs::JobId, state: String },
+    #[error("job {id} is {state}, not in the dead set: only dead jobs can be retried")]
+    NotDead { id: jobs::JobId, state: String },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the broker did not answer; try again shortly")]
@@ -265,6 +271,7 @@ impl ApiError {
             ApiError::Invalid { errors, .. } => errors.first().map_or(ProblemType::InvalidField, |e| e.kind),
             ApiError::NotFound(_) => ProblemType::NotFound,
             ApiError::NotCancelable { .. } => ProblemType::NotCancelable,
+            ApiError::NotDead { .. } => ProblemType::NotDead,
             ApiError::PayloadTooLarge { .. } => ProblemType::PayloadTooLarge,
             ApiError::BrokerUnavailable(_) => ProblemType::BrokerUnavailable,
             ApiError::DatabaseUnavailable(_) => ProblemType::DatabaseUnavailable,
@@ -281,7 +288,7 @@ impl ApiError {
             }
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::NotCancelable { .. } => StatusCode::CONFLICT,
+            ApiError::NotCancelable { .. } | ApiError::NotDead { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BrokerUnavailable(_) | ApiError::DatabaseUnavailable(_) | ApiError::NotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

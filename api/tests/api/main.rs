@@ -3,6 +3,7 @@
 
 mod support;
 
+mod dead;
 mod health;
 mod jobs;
 mod queues;
