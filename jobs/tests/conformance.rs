@@ -1,5 +1,7 @@
-//! One list of broker semantics, run against every broker (Redis, RabbitMQ, SQLite) through
-//! the `Producer` / `Driver` interface the API and the workers use.
+//! One list of broker semantics, run against every broker (Redis, a 3-node Redis Cluster,
+//! RabbitMQ, SQLite) through the `Producer` / `Driver` interface the API and the workers use.
+//! Each cluster test starts its own cluster (`redis-server --cluster-enabled yes` on free
+//! ports) and kills it when it ends, also when it fails.
 
 use std::{
     sync::Arc,
@@ -19,6 +21,138 @@ struct Env {
     db: sea_orm::DatabaseConnection,
     queue: QueueName,
     cleanup: Box<dyn FnOnce() + Send>,
+    /// Stops this test's Redis Cluster (if any) when the test ends, passed or not.
+    _cluster: Option<Cluster>,
+}
+
+/// A 3-node Redis Cluster of this test's own: servers on free ports, their files in a
+/// directory of their own; killed and deleted on drop.
+struct Cluster {
+    servers: Vec<std::process::Child>,
+    ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port free now whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn pong(port: u16) -> bool {
+    std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "PING"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        for tool in ["redis-server", "redis-cli"] {
+            let found = std::process::Command::new(tool).arg("--version").output();
+            assert!(
+                found.is_ok_and(|o| o.status.success()),
+                "{tool} is needed to start a Redis Cluster for the redis_cluster tests (apt-get install redis-server)"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("drover-cluster-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = Cluster {
+            servers: Vec::new(),
+            ports: Vec::new(),
+            dir,
+        };
+        let mut tries = 0;
+        while cluster.servers.len() < 3 {
+            let port = free_cluster_port();
+            let mut child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            // Another test may take the port between the check and the bind: then try another.
+            let start = Instant::now();
+            let up = loop {
+                if pong(port) {
+                    break true;
+                }
+                if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(10) {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if up {
+                cluster.servers.push(child);
+                cluster.ports.push(port);
+            } else {
+                let _ = child.kill();
+                let _ = child.wait();
+                tries += 1;
+                assert!(tries < 10, "no redis-server of the cluster would start");
+            }
+        }
+        let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for &port in &cluster.ports {
+            cluster.wait_for(port, "CLUSTER INFO", "cluster_state:ok").await;
+        }
+        cluster
+    }
+
+    async fn wait_for(&self, port: u16, command: &str, expect: &str) {
+        let start = Instant::now();
+        loop {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(command.split(' '))
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains(expect) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "redis on port {port} never answered {command} with {expect}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
 }
 
 impl Env {
@@ -90,6 +224,7 @@ fn started_event(job: &Job) -> schema::history::HistoryEvent {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Redis,
+    RedisCluster,
     Amqp,
     Sqlite,
 }
@@ -101,7 +236,14 @@ async fn env(kind: Kind) -> Env {
         .await
         .unwrap();
     schema::migrate(&db).await.unwrap();
+    let mut cluster = None;
     let (url, extra): (String, Option<std::path::PathBuf>) = match kind {
+        Kind::RedisCluster => {
+            let c = Cluster::start().await;
+            let url = c.url();
+            cluster = Some(c);
+            (url, None)
+        }
         Kind::Redis => {
             require(
                 "Redis",
@@ -166,6 +308,7 @@ async fn env(kind: Kind) -> Env {
         db,
         queue: QueueName::parse("default").unwrap(),
         cleanup,
+        _cluster: cluster,
     }
 }
 
@@ -717,6 +860,7 @@ async fn concurrent_pushes_are_batched_and_each_answered(kind: Kind) {
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Kind::Redis).await } )* }
+        mod redis_cluster { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Kind::RedisCluster).await } )* }
         mod amqp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Kind::Amqp).await } )* }
         mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::Kind::Sqlite).await } )* }
     };

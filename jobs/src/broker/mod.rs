@@ -1,6 +1,6 @@
 //! The queue backends behind one interface.
 //!
-//! A broker is chosen by URL (`redis://`, `amqp://`, `sqlite://`) and offers two faces:
+//! A broker is chosen by URL (`redis://`, `redis+cluster://`, `amqp://`, `sqlite://`) and offers two faces:
 //! [`Producer`] — what the API and the CLI call (push, look up, cancel, stats) — and
 //! [`Driver`] — what one worker's [`crate::backend::QueueBackend`] calls to lease, settle and
 //! release jobs. The apalis backend on top is the same for every broker, so the runtime's
@@ -27,7 +27,7 @@ pub mod sqlite;
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    #[error("unsupported broker URL {0:?}: expected redis://, amqp:// or sqlite://")]
+    #[error("unsupported broker URL {0:?}: expected redis://, redis+cluster://, amqp:// or sqlite://")]
     UnsupportedUrl(String),
     #[error("corrupt job data in broker: {0}")]
     Corrupt(String),
@@ -186,7 +186,9 @@ pub struct BrokerOptions {
 pub async fn connect(url: &str, opts: BrokerOptions) -> Result<Arc<dyn Producer>, BrokerError> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
     Ok(match scheme {
-        "redis" | "rediss" => Arc::new(redis::RedisBroker::connect(url, &opts.prefix).await?),
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            Arc::new(redis::RedisBroker::connect(url, &opts.prefix).await?)
+        }
         "amqp" | "amqps" => {
             Arc::new(amqp::AmqpBroker::connect(url, &opts.prefix, opts.db, opts.amqp_queue_type).await?)
         }

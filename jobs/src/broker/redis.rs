@@ -37,7 +37,12 @@ use std::{
 };
 
 use async_trait::async_trait;
-use redis::{AsyncConnectionConfig, Client, Script, aio::ConnectionManager, aio::MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, Client, Script,
+    aio::{ConnectionManager, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
 
 use super::{
     BrokerError, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer, QueueStats,
@@ -56,6 +61,10 @@ const IDEMPOTENCY_WINDOW_S: u64 = 86_400;
 /// Jobs per script call when pushing a batch, so one call never blocks Redis for long (and
 /// Lua's `unpack` stays far below its limit of about 8,000 values).
 const PUSH_CHUNK: usize = 1_000;
+/// redis-rs answers "timed out" after 500 ms by default, which under load kills healthy
+/// connections; a broker call that takes 5 s is an outage anyway.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Dead jobs per script call when retrying or discarding a whole dead set.
 const DEAD_SLICE: usize = 500;
 
@@ -176,12 +185,95 @@ impl Scripts {
     }
 }
 
+/// How this process reaches Redis: one server, or a Redis Cluster.
+#[derive(Clone)]
+enum Endpoint {
+    Single(Client),
+    Cluster(Arc<ClusterClient>),
+}
+
+impl Endpoint {
+    /// `redis+cluster://[user:password@]host:port,host:port[,…]` names any of a cluster's
+    /// nodes (the others are discovered); `rediss+cluster://` the same over TLS.
+    fn parse(url: &str) -> Result<Self, BrokerError> {
+        let bad = |e: &dyn std::fmt::Display| BrokerError::Other(format!("redis URL: {e}"));
+        let cluster = url
+            .strip_prefix("redis+cluster://")
+            .map(|rest| ("redis", rest))
+            .or_else(|| url.strip_prefix("rediss+cluster://").map(|rest| ("rediss", rest)));
+        let Some((scheme, rest)) = cluster else {
+            return Ok(Self::Single(Client::open(url).map_err(|e| bad(&e))?));
+        };
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{auth}{h}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err(bad(&"redis+cluster:// needs at least one host:port"));
+        }
+        let client = ClusterClient::builder(nodes)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| bad(&e))?;
+        Ok(Self::Cluster(Arc::new(client)))
+    }
+}
+
+/// A connection to either kind of [`Endpoint`]; both multiplex and are cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    Blocking(MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Blocking(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Blocking(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Blocking(c) => c.get_db(),
+        }
+    }
+}
+
 /// The producer side, shared by the whole process: one multiplexed connection that reconnects
-/// by itself.
+/// by itself (on a cluster, one per node, opened at first use and again after a failure).
 #[derive(Clone)]
 pub struct RedisBroker {
-    client: Client,
-    conn: ConnectionManager,
+    endpoint: Endpoint,
+    /// A single server's connection manager, made at once (it connects lazily by itself).
+    single: Option<ConnectionManager>,
+    /// The cluster connection, once one has been made.
+    cluster: Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     known_queues: Arc<Mutex<HashSet<QueueName>>>,
@@ -189,24 +281,65 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
+    /// `redis://…` for one server, `redis+cluster://h1:p1,h2:p2` for a Redis Cluster.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BrokerError> {
-        let client = Client::open(url).map_err(|e| BrokerError::Other(format!("redis URL: {e}")))?;
-        // redis-rs answers "timed out" after 500 ms by default, which under load kills healthy
-        // connections; a broker call that takes 5 s is an outage anyway.
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        // Lazy, so that drover starts (and answers 503 / not ready) while Redis is down.
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), cfg)?;
+        let endpoint = Endpoint::parse(url)?;
+        let single = match &endpoint {
+            Endpoint::Single(client) => {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(2));
+                // Lazy, so that drover starts (and answers 503 / not ready) while Redis is down.
+                Some(ConnectionManager::new_lazy_with_config(client.clone(), cfg)?)
+            }
+            Endpoint::Cluster(_) => None,
+        };
         Ok(Self {
-            client,
-            conn,
+            endpoint,
+            single,
+            cluster: Arc::default(),
             prefix: prefix.into(),
             scripts: Arc::new(Scripts::new()),
             known_queues: Arc::default(),
             keys: Arc::default(),
+        })
+    }
+
+    /// The shared connection. A cluster connection is made at first use, so that drover starts
+    /// while the cluster is down; one that failed is made again at the next call.
+    async fn conn(&self) -> Result<Conn, BrokerError> {
+        if let Some(single) = &self.single {
+            return Ok(Conn::Single(single.clone()));
+        }
+        let Endpoint::Cluster(client) = &self.endpoint else {
+            unreachable!("a single server always has its connection manager")
+        };
+        let mut guard = self.cluster.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(Conn::Cluster(c.clone()));
+        }
+        let c = client.get_async_connection().await?;
+        *guard = Some(c.clone());
+        Ok(Conn::Cluster(c))
+    }
+
+    /// A connection of its own for blocking waits, whose response timeout is `timeout`.
+    async fn blocking_conn(&self, timeout: Duration) -> Result<Conn, BrokerError> {
+        Ok(match &self.endpoint {
+            Endpoint::Single(client) => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                Conn::Blocking(client.get_multiplexed_async_connection_with_config(&cfg).await?)
+            }
+            Endpoint::Cluster(client) => {
+                let cfg = redis::cluster::ClusterConfig::new()
+                    .set_response_timeout(timeout)
+                    .set_connection_timeout(CONNECT_TIMEOUT);
+                Conn::Cluster(client.get_async_connection_with_config(cfg).await?)
+            }
         })
     }
 
@@ -225,7 +358,7 @@ impl RedisBroker {
         if self.known_queues.lock().expect("poisoned").contains(q) {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: () = redis::cmd("SADD")
             .arg(self.queues_key())
             .arg(q.as_str())
@@ -252,7 +385,7 @@ impl RedisBroker {
                 .arg(job.run_at_ms.unwrap_or(0))
                 .arg(job.idempotency_key.as_deref().unwrap_or(""));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let out: Vec<String> = inv.invoke_async(&mut conn).await?;
         out.chunks_exact(2)
             .map(|pair| {
@@ -269,14 +402,24 @@ impl RedisBroker {
     /// Finds which queue holds a job (`P:queues` lists every queue that ever had one) and
     /// reads its record there.
     async fn locate(&self, id: JobId) -> Result<Option<(QueueName, JobRecord)>, BrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let queues = self.queues().await?;
         let field = id.to_string();
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            pipe.hget(&self.keys(q).state, &field);
-        }
-        let found: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        // One command per queue, sent together: on a cluster each queue lives in its own slot,
+        // and a pipeline may not span slots.
+        let found: Vec<Option<String>> = futures::future::try_join_all(queues.iter().map(|q| {
+            let mut conn = conn.clone();
+            let key = self.keys(q).state.clone();
+            let field = field.clone();
+            async move {
+                redis::cmd("HGET")
+                    .arg(key)
+                    .arg(field)
+                    .query_async(&mut conn)
+                    .await
+            }
+        }))
+        .await?;
         let Some((q, state)) = queues
             .into_iter()
             .zip(found)
@@ -301,7 +444,7 @@ impl RedisBroker {
             return Ok(0);
         }
         let keys = self.keys(q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         type Column = Vec<Option<String>>;
         let (states, data, attempts): (Column, Column, Vec<Option<u32>>) = redis::pipe()
             .cmd("HMGET")
@@ -339,7 +482,7 @@ impl RedisBroker {
             return Ok(0);
         }
         let keys = self.keys(q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         Ok(self
             .scripts
             .discard
@@ -363,7 +506,7 @@ impl RedisBroker {
         let keys = self.keys(q);
         let mut total = 0;
         loop {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await?;
             let ids: Vec<String> = redis::cmd("ZRANGE")
                 .arg(&keys.dead)
                 .arg(0)
@@ -478,7 +621,7 @@ impl Producer for RedisBroker {
             return Ok(CancelOutcome::NotFound);
         };
         let keys = self.keys(&q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let before: String = self
             .scripts
             .cancel
@@ -499,7 +642,7 @@ impl Producer for RedisBroker {
 
     async fn stats(&self, q: &QueueName) -> Result<QueueStats, BrokerError> {
         let keys = self.keys(q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (pending, scheduled, running, dead, counters): (u64, u64, u64, u64, (Option<u64>, Option<u64>)) =
             redis::pipe()
                 .llen(&keys.pending)
@@ -524,7 +667,7 @@ impl Producer for RedisBroker {
     }
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let seen: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.queues_key())
             .query_async(&mut conn)
@@ -536,7 +679,7 @@ impl Producer for RedisBroker {
 
     async fn dead(&self, q: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {
         let keys = self.keys(q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
             .arg(&keys.dead)
             .arg(offset)
@@ -594,7 +737,7 @@ impl Producer for RedisBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
@@ -619,6 +762,9 @@ impl Producer for RedisBroker {
     }
 
     async fn destroy(&self) -> Result<(), BrokerError> {
+        if matches!(self.endpoint, Endpoint::Cluster(_)) {
+            return self.destroy_on_cluster().await;
+        }
         // Glob metacharacters in the prefix must match literally.
         let mut pattern = String::with_capacity(self.prefix.len() + 2);
         for c in self.prefix.chars() {
@@ -628,7 +774,7 @@ impl Producer for RedisBroker {
             pattern.push(c);
         }
         pattern.push_str(":*");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -657,6 +803,49 @@ impl Producer for RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// `SCAN` covers one node of a cluster only, so each queue's keys are deleted by name:
+    /// its fixed keys and its workers' claim lists. Idempotency keys are left to expire.
+    async fn destroy_on_cluster(&self) -> Result<(), BrokerError> {
+        let mut conn = self.conn().await?;
+        for q in self.queues().await? {
+            let k = self.keys(&q);
+            let workers: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&k.workers)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            let mut names = vec![
+                &k.pending,
+                &k.scheduled,
+                &k.leased,
+                &k.dead,
+                &k.finished,
+                &k.workers,
+                &k.stats,
+                &k.data,
+                &k.state,
+                &k.attempts,
+                &k.error,
+                &k.crashes,
+            ]
+            .into_iter()
+            .cloned()
+            .collect::<Vec<String>>();
+            names.extend(workers.iter().map(|w| format!("{}{w}", k.claim_prefix)));
+            // One slot per queue: one command.
+            let _: () = redis::cmd("UNLINK").arg(names).query_async(&mut conn).await?;
+        }
+        let _: () = redis::cmd("UNLINK")
+            .arg(self.queues_key())
+            .query_async(&mut conn)
+            .await?;
+        self.known_queues.lock().expect("poisoned").clear();
+        Ok(())
+    }
+}
+
 /// One worker's view of one queue.
 struct RedisDriver {
     broker: RedisBroker,
@@ -667,7 +856,7 @@ struct RedisDriver {
     block_timeout: Duration,
     /// The connection idle waits block on; a blocked command would stall every other command
     /// multiplexed on a shared connection.
-    blocking: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    blocking: tokio::sync::Mutex<Option<Conn>>,
     /// Cuts an idle wait short: a retry this worker schedules must not wait out the block.
     wake: tokio::sync::Notify,
 }
@@ -676,7 +865,7 @@ impl RedisDriver {
     async fn lease(&self, max: usize) -> Result<(Vec<Job>, Option<i64>), BrokerError> {
         let k = &self.keys;
         let now = now_ms();
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let out: Vec<redis::Value> = self
             .broker
             .scripts
@@ -725,15 +914,7 @@ impl RedisDriver {
     async fn wait_for_work(&self, wait: Duration) -> Result<(), BrokerError> {
         let mut guard = self.blocking.lock().await;
         if guard.is_none() {
-            let cfg = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(self.block_timeout))
-                .set_connection_timeout(Some(Duration::from_secs(2)));
-            *guard = Some(
-                self.broker
-                    .client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await?,
-            );
+            *guard = Some(self.broker.blocking_conn(self.block_timeout).await?);
         }
         let conn = guard.as_mut().expect("set above");
         let claim = format!("{}{}", self.keys.claim_prefix, self.worker);
@@ -819,7 +1000,7 @@ impl Driver for RedisDriver {
                 .arg(err)
                 .arg(s.finished_at_ms);
         }
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let _: () = inv.invoke_async(&mut conn).await?;
         // A retry may fall due before this worker's idle wait ends; the wait may also not have
         // started yet, in which case the stored permit cuts the next one short.
@@ -837,7 +1018,7 @@ impl Driver for RedisDriver {
             inv.arg(j.id.to_string())
                 .arg(StateEntry::running(&self.worker, j.receipt));
         }
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let _: () = inv.invoke_async(&mut conn).await?;
         Ok(())
     }
@@ -852,7 +1033,7 @@ impl Driver for RedisDriver {
         for id in held {
             inv.arg(id.to_string());
         }
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let _: () = inv.invoke_async(&mut conn).await?;
         Ok(())
     }
