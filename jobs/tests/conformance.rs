@@ -563,6 +563,10 @@ async fn a_pending_job_cancels_and_a_running_one_does_not(kind: Kind) {
     let a = e.push(job(&e.queue, 3)).await.id;
     assert_eq!(e.broker.cancel(a).await.unwrap(), CancelOutcome::Canceled);
     assert_eq!(e.broker.get(a).await.unwrap().unwrap().status, JobState::Canceled);
+    assert_eq!(
+        e.broker.cancel(a).await.unwrap(),
+        CancelOutcome::NotCancelable(JobState::Canceled)
+    );
     let d = e.broker.driver(&e.queue, &c).await.unwrap();
     let b = e.push(job(&e.queue, 3)).await.id;
     let got = e.fetch_n(&d, 2, Duration::from_secs(2)).await;
@@ -620,6 +624,76 @@ async fn a_job_whose_worker_died_is_delivered_again_with_the_crash_counted(kind:
         .unwrap();
     let d3 = e.broker.driver(&e.queue, &other).await.unwrap();
     assert!(e.fetch_n(&d3, 1, Duration::from_millis(700)).await.is_empty());
+    (e.cleanup)();
+}
+
+/// A worker that dies on a job's last attempt leaves it dead, with the reason.
+async fn a_worker_dying_on_the_last_attempt_leaves_the_job_dead(kind: Kind) {
+    let e = env(kind).await;
+    let c = cfg(Duration::from_millis(100));
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let id = e.push(job(&e.queue, 1)).await.id;
+    assert_eq!(e.fetch_n(&d, 1, Duration::from_secs(5)).await.len(), 1);
+    d.abandon().await;
+    let d2 = e
+        .broker
+        .driver(&e.queue, &cfg(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(e.fetch_n(&d2, 1, Duration::from_millis(700)).await.is_empty());
+    e.wait_for_dead(1).await;
+    let dead = e.broker.dead(&e.queue, 0, 10).await.unwrap();
+    assert_eq!(dead.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("lease expired"),
+        "{:?}",
+        dead[0].last_error
+    );
+    (e.cleanup)();
+}
+
+async fn the_dead_set_lists_the_newest_first(kind: Kind) {
+    let e = env(kind).await;
+    let c = cfg(Duration::from_secs(30));
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let id = e.push(job(&e.queue, 1)).await.id;
+        let got = e.fetch_n(&d, 1, Duration::from_secs(5)).await;
+        let dead = Outcome::Dead {
+            error: "bad".into(),
+            how: AttemptOutcome::Failed,
+        };
+        d.settle(&[Settlement {
+            finished_at_ms: now_ms() + n,
+            ..settle(got.into_iter().next().expect("delivered"), dead, &c)
+        }])
+        .await
+        .unwrap();
+        ids.push(id);
+        e.wait_for_dead(n as u64 + 1).await;
+    }
+    ids.reverse();
+    let listed = |offset, limit| {
+        let broker = e.broker.clone();
+        let queue = e.queue.clone();
+        async move {
+            broker
+                .dead(&queue, offset, limit)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(0, 10).await, ids);
+    assert_eq!(listed(1, 1).await, [ids[1]]);
+    assert!(listed(3, 10).await.is_empty());
     (e.cleanup)();
 }
 
@@ -780,13 +854,23 @@ async fn an_idempotency_key_returns_the_first_job(kind: Kind) {
     let second = e.broker.push(b).await.unwrap();
     assert_eq!((first.id, first.duplicate), (a.id, false));
     assert_eq!((second.id, second.duplicate), (a.id, true));
+    // Within one batch too, and other keys are unaffected.
+    let keyed = |key: &str| Job {
+        idempotency_key: Some(key.into()),
+        ..job(&e.queue, 3)
+    };
+    let batch = vec![keyed("order-43"), keyed("order-43"), keyed("order-42")];
+    let res = e.broker.push_batch(batch.clone()).await.unwrap();
+    assert_eq!((res[0].id, res[0].duplicate), (batch[0].id, false));
+    assert_eq!((res[1].id, res[1].duplicate), (batch[0].id, true));
+    assert_eq!((res[2].id, res[2].duplicate), (a.id, true));
     // The same key on another queue is another key.
     let mut elsewhere = job(&QueueName::parse("noop").unwrap(), 3);
     elsewhere.idempotency_key = Some("order-42".into());
     assert!(!e.broker.push(elsewhere).await.unwrap().duplicate);
     let start = Instant::now();
-    while e.broker.stats(&e.queue).await.unwrap().pending != 1 {
-        assert!(start.elapsed() < Duration::from_secs(5), "one job is pending");
+    while e.broker.stats(&e.queue).await.unwrap().pending != 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "two jobs are pending");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (e.cleanup)();
@@ -876,6 +960,8 @@ conformance!(
     a_pending_job_cancels_and_a_running_one_does_not,
     a_job_whose_worker_died_is_delivered_again_with_the_crash_counted,
     a_job_that_kills_its_worker_three_times_is_quarantined,
+    a_worker_dying_on_the_last_attempt_leaves_the_job_dead,
+    the_dead_set_lists_the_newest_first,
     a_dead_job_is_retried_with_a_fresh_budget_or_discarded,
     a_queues_whole_dead_set_is_retried_or_discarded,
     an_idempotency_key_returns_the_first_job,

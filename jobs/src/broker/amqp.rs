@@ -1,10 +1,11 @@
 //! drover's RabbitMQ broker.
 //!
-//! Layout, for prefix `P` and queue `q` (all queues durable, classic, on the default exchange):
+//! Layout, for prefix `P` and queue `q` (all queues durable, on the default exchange; classic, or
+//! quorum with [`QueueType::Quorum`]):
 //!
 //! | queue | holds |
 //! |---|---|
-//! | `P.q` | jobs ready to run. **KEDA's `rabbitmq` scaler reads its ready count (`queueName: P.q`).** |
+//! | `P.q` | jobs ready to run; classic: `x-max-priority` 10. **KEDA's `rabbitmq` scaler reads its ready count (`queueName: P.q`).** |
 //! | `P.q.delay.<k>`, k = 0..=24 | delayed jobs and retries. Each queue has one `x-message-ttl` of 100 ms · 2^k and dead-letters expired messages back into `P.q`. |
 //! | `P.q.dead` | the dead set: jobs out of attempts or failed beyond retrying, error in header `x-drover-error` |
 //!
@@ -19,19 +20,47 @@
 //! hop at least halves what is left) and keeps the last < 100 ms in memory, so a job is never
 //! delivered more than 5 ms early and typically within a few milliseconds of its time.
 //!
-//! **Job state.** RabbitMQ cannot look a message up, so `get`, `cancel`, `dead` and the running /
-//! done / failed counts read the history database the API and workers write in batches. A
-//! cancel marks the job there; consumers refresh the set of canceled ids every second and drop
-//! such jobs when they arrive (see [`CANCELED_REFRESH`] for the window).
+//! **Job state.** RabbitMQ cannot look a message up, so `get`, `cancel` and the running / done /
+//! failed counts read the history database the API and workers write in batches. A cancel
+//! marks the job there at once; this process's consumers drop it from then on, other
+//! processes' consumers once they refresh the set of canceled ids (every [`CANCELED_REFRESH`]).
+//! Guarantee: a pending job canceled more than that before a consumer receives it never runs;
+//! one a worker had already prefetched, or receives within that second, may still run.
 //!
-//! **Leases.** RabbitMQ keeps an unacknowledged message with its consumer until the consumer's
-//! channel closes (worker crash, connection loss), then requeues it: that is the visibility
-//! timeout, so `renew` has nothing to do. RabbitMQ's `consumer_timeout` (30 min by default)
-//! closes the channel of a consumer that holds a message longer; raise it for longer jobs.
+//! **Dead set.** The dead queue is the dead set: `dead` reads it (messages taken
+//! unacknowledged on a channel of their own, which go back in order when it closes), newest
+//! first among its oldest [`DEAD_SCAN_MAX`]; retrying publishes a revived copy to `P.q`
+//! (confirmed) before acknowledging the dead message; discarding all purges the queue.
 //!
-//! Not on RabbitMQ (yet): priorities (classic queues without `x-max-priority`), idempotency keys
-//! (a push is never reported as a duplicate), quorum queues for a RabbitMQ cluster (a
-//! `x-queue-type` option on [`declare_queues`]).
+//! **Leases and crashes.** RabbitMQ keeps an unacknowledged message with its consumer until the
+//! consumer's channel closes (worker crash, connection loss), then requeues it flagged
+//! `redelivered`: that is the visibility timeout, so `renew` has nothing to do. A redelivered
+//! message is never run as it is: the consumer publishes a copy (confirmed) whose envelope
+//! counts the crash (`crashes`, and the lost attempt), acknowledges the original, and runs the
+//! copy when it comes round — or sends it to the dead set once `quarantine_after` workers died
+//! holding it. Releases at shutdown publish such a copy too (with the attempt given back), so a
+//! requeue means a crash. RabbitMQ's `consumer_timeout` (30 min by default) closes the channel
+//! of a consumer that holds a message longer: raise it above the longest job's timeout, or the
+//! job counts as crashing its worker.
+//!
+//! **Idempotency keys** live in the history database's `idempotency_key` table, whose primary
+//! key (queue, key) makes a claim atomic across API replicas; a key maps to its first job for
+//! [`IDEMPOTENCY_WINDOW`] (24 h, as on Redis and SQLite) and is given back if the publish fails.
+//! A push with a key therefore needs the database (503 while it is down); pushes without one
+//! touch only RabbitMQ.
+//!
+//! **Priorities.** drover's priority `p` maps to RabbitMQ's `clamp(p, −5, 5) + 5` on a queue
+//! with `x-max-priority` 10 (0 → 5; jobs more than 5 apart from 0 share the top or bottom
+//! level). RabbitMQ orders only the messages still in the queue: up to twice the prefetch per
+//! worker are already delivered in arrival order. A classic queue declared by an older drover
+//! without `x-max-priority` keeps working, without priorities, until it is deleted.
+//!
+//! **Quorum queues** (`DROVER_AMQP_QUEUE_TYPE=quorum`, for a RabbitMQ cluster) replicate every
+//! queue with Raft. They give up priorities (RabbitMQ before 4.0 has none on quorum queues);
+//! delay queues keep their per-queue `x-message-ttl` (quorum queues have it since 3.10) and
+//! dead-letter at-least-once (`x-dead-letter-strategy`, with `x-overflow: reject-publish`).
+//! A queue's type is fixed when it is first declared: switching an existing deployment means
+//! draining and deleting its queues.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -1,7 +1,8 @@
 //! drover's Redis broker.
 //!
 //! Layout, for prefix `P` and queue `q` (every key of a queue shares the hash tag `{q}`, so the
-//! scripts run unchanged on Redis Cluster):
+//! scripts run unchanged on Redis Cluster, reached with `redis+cluster://h1:p1,h2:p2`; nothing
+//! drover sends spans two queues' slots, and `P:queues` is only ever used alone):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -70,7 +71,18 @@ const DEAD_SLICE: usize = 500;
 
 impl From<redis::RedisError> for BrokerError {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        // A Redis at `maxmemory` with `noeviction` refuses writes (OOM) until memory is freed:
+        // an outage to retry, not a fault. A cluster mid-failover answers CLUSTERDOWN / TRYAGAIN.
+        let refused = matches!(
+            e.code(),
+            Some("OOM" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING")
+        );
+        if refused
+            || e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_connection_refusal()
+        {
             BrokerError::Unavailable(format!("redis: {e}"))
         } else {
             BrokerError::Other(format!("redis: {e}"))
