@@ -214,6 +214,7 @@ impl WorkerDeployment {
             concurrency: self.concurrency,
             prefetch: self.prefetch,
             lease_s: 30,
+            quarantine_after: jobs::broker::QUARANTINE_AFTER,
             shutdown_grace_s: self.shutdown_grace_s,
         }
     }
@@ -801,6 +802,7 @@ async fn every_redis_scaled_object_reads_a_key_the_api_and_workers_fill() {
         concurrency: 1,
         prefetch: 1,
         lease_s: 30,
+        quarantine_after: jobs::broker::QUARANTINE_AFTER,
         shutdown_grace_s: 10,
     });
     let start = Instant::now();

@@ -223,6 +223,9 @@ impl tower::Service<Task<JobRef>> for AttemptService {
             job.kind = %job.kind,
             queue = %job.queue,
             attempt = job.attempt,
+            // Workers that died running this job before; at `DROVER_QUARANTINE_AFTER` the
+            // broker quarantines it instead of delivering it.
+            crashes = job.crashes,
             trace_id = job.trace_id.as_deref().unwrap_or(""),
         );
         Box::pin(async move { Ok(this.attempt(job).await) }.instrument(span))
