@@ -74,6 +74,8 @@ async fn delete_queues(prefix: &str) -> Result<(), lapin::Error> {
         ch.queue_delete(name.into(), QueueDeleteOptions::default())
             .await?;
     }
+    ch.exchange_delete(format!("{prefix}.canceled").as_str().into(), Default::default())
+        .await?;
     Ok(())
 }
 
@@ -762,4 +764,51 @@ async fn a_released_job_is_not_counted_as_a_crash() {
     }
     let s = e.broker.stats(&e.queue).await.unwrap();
     assert_eq!(s.dead, 0, "{s:?}");
+}
+
+/// A cancel through another process reaches consumers as a notice within milliseconds, not
+/// at the next one-second refresh: jobs due 150 ms after their cancel never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_another_process_reaches_consumers_at_once() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let api = second_broker(&e).await;
+    // The consumer's process subscribes to cancel notices when its first driver starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut doomed = Vec::new();
+    for _ in 0..5 {
+        let mut j = job(&e.queue, 3);
+        j.run_at_ms = Some(now_ms() + 150);
+        api.push(j.clone()).await.unwrap();
+        let enqueued = schema::history::HistoryEvent::Enqueued {
+            id: j.id.0,
+            queue: e.queue.to_string(),
+            kind: j.kind.to_string(),
+            payload: serde_json::from_str(j.payload.get()).unwrap(),
+            max_attempts: 3,
+            priority: 0,
+            idempotency_key: None,
+            trace_id: None,
+            run_at: chrono::DateTime::from_timestamp_millis(j.run_at_ms.unwrap()),
+            at: chrono::Utc::now(),
+        };
+        schema::history::apply_batch(&e.db, &[enqueued]).await.unwrap();
+        assert_eq!(api.cancel(j.id).await.unwrap(), CancelOutcome::Canceled);
+        doomed.push(j.id);
+        let kept = api.push(job(&e.queue, 3)).await.unwrap().id;
+        let got = fetch_n(&d, 2, Duration::from_millis(600)).await;
+        assert_eq!(
+            got.iter().map(|j| j.id).collect::<Vec<_>>(),
+            [kept],
+            "the job canceled 150 ms before it was due never runs"
+        );
+        d.settle(
+            &got.into_iter()
+                .map(|j| settle(j, Outcome::Succeeded, &c))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    }
 }

@@ -334,6 +334,9 @@ async fn delete_amqp_queues(prefix: &str) {
             )
             .await;
     }
+    let _ = ch
+        .exchange_delete(format!("{prefix}.canceled").as_str().into(), Default::default())
+        .await;
     let _ = conn.close(0, "done".into()).await;
 }
 

@@ -22,10 +22,13 @@
 //!
 //! **Job state.** RabbitMQ cannot look a message up, so `get`, `cancel` and the running / done /
 //! failed counts read the history database the API and workers write in batches. A cancel
-//! marks the job there at once; this process's consumers drop it from then on, other
-//! processes' consumers once they refresh the set of canceled ids (every [`CANCELED_REFRESH`]).
-//! Guarantee: a pending job canceled more than that before a consumer receives it never runs;
-//! one a worker had already prefetched, or receives within that second, may still run.
+//! marks the job there at once and announces it on the fanout exchange `P.canceled`
+//! (confirmed), to which every consuming process listens with a queue of its own; consumers
+//! drop canceled jobs as they arrive. A process that missed a notice (disconnected) learns of
+//! the cancel when it next reads the canceled ids from the database (every
+//! [`CANCELED_REFRESH`]). Guarantee: a job canceled before RabbitMQ delivers it to a consumer
+//! never runs; one already delivered — in a worker's prefetch buffer — may still run, as on
+//! the other brokers a job already leased does.
 //!
 //! **Dead set.** The dead queue is the dead set: `dead` reads it (messages taken
 //! unacknowledged on a channel of their own, which go back in order when it closes), newest
@@ -114,9 +117,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat asked for when the URL names none (RabbitMQ proposes 60 s): a dead peer is noticed
 /// within about two of them, and the next call dials again.
 const HEARTBEAT_S: u16 = 10;
-/// How often consumers refresh the canceled set from the history database. A job canceled less
-/// than this long before it reaches a consumer (plus the API's history flush interval) may still
-/// run, as may a job already prefetched by a worker.
+/// How often consumers refresh the canceled set from the history database: the fallback for
+/// cancel notices a process missed (it was disconnected when they were sent).
 const CANCELED_REFRESH: Duration = Duration::from_secs(1);
 /// How far back the canceled set reaches when a process starts, and how long an id stays in it:
 /// a delayed job canceled longer ago than this before it falls due is not recognized.
@@ -806,10 +808,142 @@ impl AmqpBroker {
             .contains_key(&id)
     }
 
-    /// Starts the process's canceled-set refresher, once; it ends with the broker.
+    /// Starts the process's canceled-set refresher and the listener for cancel notices, once;
+    /// they end with the broker.
     fn start_refresher(&self) {
         if !self.inner.refresher.swap(true, Ordering::SeqCst) {
             tokio::spawn(refresh_canceled(Arc::downgrade(&self.inner)));
+            tokio::spawn(listen_for_cancels(Arc::downgrade(&self.inner)));
+        }
+    }
+
+    /// Tells every consuming process of this prefix that `id` was canceled: a message on the
+    /// fanout exchange `P.canceled`, confirmed. Cuts the window in which a canceled job may
+    /// still start from a refresh interval to a message's trip.
+    async fn announce_cancel(&self, id: JobId) -> Result<(), BrokerError> {
+        let pooled = self.take_channel().await?;
+        let exchange = cancel_exchange(&self.inner.prefix);
+        let confirm = timed("announcing a cancel", async {
+            declare_cancel_exchange(&pooled.channel, &exchange).await?;
+            pooled
+                .channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    id.to_string().as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await?
+                .await
+        })
+        .await?;
+        self.give_back(pooled);
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            other => Err(BrokerError::Unavailable(format!(
+                "rabbitmq did not confirm a cancel notice: {other:?}"
+            ))),
+        }
+    }
+}
+
+fn cancel_exchange(prefix: &str) -> String {
+    format!("{prefix}.canceled")
+}
+
+async fn declare_cancel_exchange(channel: &Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            // Notices matter only to processes listening now; the exchange goes with the last
+            // listener's queue (and with `destroy`).
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Receives cancel notices on a queue of this process's own (exclusive, deleted with its
+/// channel) bound to `P.canceled`, and adds their ids to the canceled set; resubscribes after
+/// a failure. Notices sent while it is down are covered by the database refresh.
+async fn listen_for_cancels(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let exchange = cancel_exchange(&strong.prefix);
+        let subscribed = async {
+            let conn = strong.consumer.connection().await?;
+            timed("subscribing to cancel notices", async {
+                let channel = conn.create_channel().await?;
+                declare_cancel_exchange(&channel, &exchange).await?;
+                let queue = channel
+                    .queue_declare(
+                        "".into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.name().clone(),
+                        exchange.as_str().into(),
+                        "".into(),
+                        Default::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let consumer = channel
+                    .basic_consume(
+                        queue.name().clone(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok((channel, consumer, conn.clone()))
+            })
+            .await
+        }
+        .await;
+        drop(strong);
+        let (_channel, mut consumer, _conn) = match subscribed {
+            Ok(s) => s,
+            Err(_) => {
+                // RabbitMQ is down: the refresher covers cancels meanwhile.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            // Wakes up now and then to notice that the broker is gone.
+            let next = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
+            let Some(inner) = inner.upgrade() else { return };
+            match next {
+                Err(_) => continue,
+                Ok(Some(Ok(delivery))) => {
+                    let id = std::str::from_utf8(&delivery.data).ok().and_then(JobId::parse);
+                    if let Some(id) = id {
+                        inner
+                            .canceled
+                            .lock()
+                            .expect("canceled poisoned")
+                            .entry(id)
+                            .or_insert(now_ms());
+                    }
+                }
+                Ok(_) => break,
+            }
         }
     }
 }
@@ -1094,12 +1228,16 @@ impl Producer for AmqpBroker {
             .map_err(history_error)?;
         Ok(match res {
             CancelResult::Canceled => {
-                // This process's consumers skip it at once; others at their next refresh.
+                // This process's consumers skip it at once; others as soon as the notice
+                // reaches them, or at their next refresh should it not.
                 self.inner
                     .canceled
                     .lock()
                     .expect("canceled poisoned")
                     .insert(id, now_ms());
+                if let Err(e) = self.announce_cancel(id).await {
+                    tracing::warn!(job.id = %id, error = %e, "could not announce a cancel; other workers learn of it at their next refresh");
+                }
                 CancelOutcome::Canceled
             }
             CancelResult::NotFound => CancelOutcome::NotFound,
@@ -1299,6 +1437,16 @@ impl Producer for AmqpBroker {
     /// Deletes the queues of every queue name this process has used or built in; job state in
     /// the history database is left alone (it belongs to the database, not the broker).
     async fn destroy(&self) -> Result<(), BrokerError> {
+        let pooled = self.take_channel().await?;
+        timed(
+            "deleting the cancel exchange",
+            pooled.channel.exchange_delete(
+                cancel_exchange(&self.inner.prefix).as_str().into(),
+                Default::default(),
+            ),
+        )
+        .await?;
+        self.give_back(pooled);
         for q in self.queues().await? {
             let names = self.names(&q);
             let pooled = self.take_channel().await?;
