@@ -1018,17 +1018,22 @@ async fn close_reader(ch: Channel) {
 
 impl AmqpBroker {
     /// The queues where job `id` may sit dead: its queue as the history database knows it,
-    /// else every queue this process knows.
+    /// else every queue this process has used (not declaring others just to look).
     async fn queues_of(&self, id: JobId) -> Result<Vec<QueueName>, BrokerError> {
         let recorded = schema::queries::get_job(&self.inner.db, id.0)
             .await
             .ok()
             .flatten()
             .and_then(|v| QueueName::parse(&v.job.queue).ok());
-        match recorded {
-            Some(q) => Ok(vec![q]),
-            None => self.queues().await,
-        }
+        Ok(match recorded {
+            Some(q) => vec![q],
+            None => {
+                let declared = self.inner.declared.lock().expect("declared poisoned");
+                let mut queues: Vec<QueueName> = declared.iter().cloned().collect();
+                queues.sort();
+                queues
+            }
+        })
     }
 
     /// A channel of its own for reading `q`'s dead queue.
