@@ -64,6 +64,7 @@ async fn run(n: usize, url: &str, prefix: &str) -> anyhow::Result<()> {
         jobs::BrokerOptions {
             prefix: prefix.to_owned(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await?;

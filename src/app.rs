@@ -60,6 +60,7 @@ impl Stack {
             BrokerOptions {
                 prefix: conn.broker_prefix.clone(),
                 db: db.clone(),
+                amqp_queue_type: conn.amqp_queue_type,
             },
         )
         .await

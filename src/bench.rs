@@ -102,6 +102,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -110,6 +111,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         broker_url: args.broker_url.clone(),
         database_url: database_url.parse().expect("infallible"),
         broker_prefix: prefix,
+        amqp_queue_type: Default::default(),
         config: None,
     };
     let result = tokio::time::timeout(
@@ -192,6 +194,8 @@ async fn workload(
         trace_id: None,
         idempotency_key: None,
         attempt: 0,
+        crashes: 0,
+        attempts_before: 0,
         receipt: 0,
     };
     let load1 = std::fs::read_to_string("/proc/loadavg")

@@ -24,6 +24,10 @@ pub struct Connections {
     /// Namespace of drover's Redis keys / AMQP queues / SQLite tables.
     #[arg(long, env = "DROVER_BROKER_PREFIX", default_value = "drover")]
     pub broker_prefix: String,
+    /// RabbitMQ only: `classic` (priorities) or `quorum` (replicated across a RabbitMQ
+    /// cluster, no priorities). Every process of a deployment must use the same.
+    #[arg(long, env = "DROVER_AMQP_QUEUE_TYPE", default_value = "classic")]
+    pub amqp_queue_type: jobs::broker::amqp::QueueType,
     /// Optional TOML file with `[retry.<queue or kind>]` tables, `default_retry`, `timeout_ms`
     /// and `[[schedules]]` (default schedules, inserted when absent).
     #[arg(long, env = "DROVER_CONFIG")]
@@ -150,6 +154,11 @@ pub struct WorkerArgs {
     /// Visibility timeout in seconds: a dead worker's jobs come back after this.
     #[arg(long, env = "DROVER_LEASE_S", default_value_t = 30)]
     pub lease_s: u64,
+    /// A job whose worker dies while running it this many times (kill -9, OOM, abort) goes to
+    /// the dead set as a poison pill instead of being delivered again.
+    #[arg(long, env = "DROVER_QUARANTINE_AFTER", default_value_t = jobs::broker::QUARANTINE_AFTER,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub quarantine_after: u32,
     /// Seconds running jobs get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "DROVER_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
@@ -215,6 +224,7 @@ impl WorkerArgs {
             concurrency: self.concurrency,
             prefetch: self.prefetch,
             lease: Duration::from_secs(self.lease_s.max(1)),
+            quarantine_after: self.quarantine_after,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
             ..Default::default()
         };
@@ -568,6 +578,7 @@ mod tests {
             database_url: "postgres://drover@db/drover".parse().unwrap(),
             broker_prefix: "drover".into(),
             config: Some(path),
+            amqp_queue_type: Default::default(),
         };
         let mut backup = BackupConfig::default();
         backup.files.push(workers::families::backup::FilesTarget {
@@ -605,6 +616,7 @@ mod tests {
             broker_url: "redis://:hunter2@redis:6379/0".parse().unwrap(),
             database_url: "postgres://drover:s3cret@db/drover".parse().unwrap(),
             broker_prefix: "drover".into(),
+            amqp_queue_type: Default::default(),
             config: None,
         };
         let mut backup = BackupConfig::default();

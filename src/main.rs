@@ -291,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
                 jobs::BrokerOptions {
                     prefix: conn.broker_prefix.clone(),
                     db,
+                    amqp_queue_type: conn.amqp_queue_type,
                 },
             )
             .await?;
@@ -307,6 +308,8 @@ async fn main() -> anyhow::Result<()> {
                 trace_id: None,
                 idempotency_key: None,
                 attempt: 0,
+                crashes: 0,
+                attempts_before: 0,
                 receipt: 0,
             };
             let res = broker.push(job).await?;

@@ -110,7 +110,12 @@ pub const RULES: &[(&str, Access)] = &[
     ("getJob", Access::Role(Role::Viewer)),
     ("enqueueJob", Access::Role(Role::Operator)),
     ("enqueueBatch", Access::Role(Role::Operator)),
+    // Cancels a pending job, or discards a dead one.
     ("cancelJob", Access::Role(Role::Operator)),
+    ("retryJob", Access::Role(Role::Operator)),
+    ("listDeadJobs", Access::Role(Role::Viewer)),
+    ("retryDeadJobs", Access::Role(Role::Operator)),
+    ("discardDeadJobs", Access::Role(Role::Operator)),
     ("listSchedules", Access::Role(Role::Viewer)),
     ("getSchedule", Access::Role(Role::Viewer)),
     ("putSchedule", Access::Role(Role::Operator)),

@@ -185,6 +185,8 @@ fn build(spec: &KindSpec, queue: QueueName, payload: Box<RawValue>, f: Chosen, c
         trace_id: Some(cx.traceparent.to_owned()),
         idempotency_key: f.idempotency_key,
         attempt: 0,
+        crashes: 0,
+        attempts_before: 0,
         receipt: 0,
     };
     Prepared { job }

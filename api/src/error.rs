@@ -49,6 +49,8 @@ pub enum ProblemType {
     NotFound,
     MethodNotAllowed,
     NotCancelable,
+    /// A retry of a job that is not in the dead set.
+    NotDead,
     PayloadTooLarge,
     UnsupportedMediaType,
     BrokerUnavailable,
@@ -83,6 +85,7 @@ impl ProblemType {
             ProblemType::NotFound => "not-found",
             ProblemType::MethodNotAllowed => "method-not-allowed",
             ProblemType::NotCancelable => "not-cancelable",
+            ProblemType::NotDead => "not-dead",
             ProblemType::PayloadTooLarge => "payload-too-large",
             ProblemType::UnsupportedMediaType => "unsupported-media-type",
             ProblemType::BrokerUnavailable => "broker-unavailable",
@@ -117,6 +120,7 @@ impl ProblemType {
             ProblemType::NotFound => "Not found",
             ProblemType::MethodNotAllowed => "Method not allowed",
             ProblemType::NotCancelable => "The job can no longer be canceled",
+            ProblemType::NotDead => "The job is not in the dead set",
             ProblemType::PayloadTooLarge => "The request body is too large",
             ProblemType::UnsupportedMediaType => "Unsupported media type",
             ProblemType::BrokerUnavailable => "The broker is unavailable",
@@ -208,6 +212,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("job {id} is {state} and can no longer be canceled")]
     NotCancelable { id: jobs::JobId, state: String },
+    #[error("job {id} is {state}, not in the dead set: only dead jobs can be retried")]
+    NotDead { id: jobs::JobId, state: String },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the broker did not answer; try again shortly")]
@@ -342,6 +348,7 @@ impl ApiError {
             ApiError::CacheUnavailable(_) => ProblemType::CacheUnavailable,
             ApiError::NotFound(_) => ProblemType::NotFound,
             ApiError::NotCancelable { .. } => ProblemType::NotCancelable,
+            ApiError::NotDead { .. } => ProblemType::NotDead,
             ApiError::PayloadTooLarge { .. } => ProblemType::PayloadTooLarge,
             ApiError::BrokerUnavailable(_) => ProblemType::BrokerUnavailable,
             ApiError::DatabaseUnavailable(_) => ProblemType::DatabaseUnavailable,
@@ -366,7 +373,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Invalid { .. } | ApiError::InvalidEvents(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::NotCancelable { .. } => StatusCode::CONFLICT,
+            ApiError::NotCancelable { .. } | ApiError::NotDead { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BrokerUnavailable(_)
             | ApiError::DatabaseUnavailable(_)

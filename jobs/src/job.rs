@@ -70,6 +70,17 @@ pub struct Job {
     /// 1-based number of the attempt this delivery is. Brokers set it on delivery.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub attempt: u32,
+    /// Deliveries of this job whose attempt never finished because its worker died holding it
+    /// (lease expired; on RabbitMQ, redelivered after its channel closed). At
+    /// [`crate::ConsumerConfig::quarantine_after`] the broker moves the job to the dead set
+    /// instead of running it again. Brokers set it on delivery.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub crashes: u32,
+    /// Attempts made before the job was last retried from the dead set (0 if never): its
+    /// attempt budget is `max_attempts - attempts_before`, and a retry from the dead set gives
+    /// that budget again while attempt numbers keep counting, so no attempt's history is lost.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub attempts_before: u32,
     /// Broker-specific handle of this delivery (an AMQP delivery tag); not stored.
     #[serde(skip)]
     pub receipt: u64,
@@ -150,6 +161,28 @@ pub struct JobRecord {
     pub trace_id: Option<String>,
 }
 
+impl Job {
+    /// The envelope of this job taken out of the dead set after `made` attempts: a fresh
+    /// attempt budget, no crashes counted, due now. `attempt` is the attempts made, as a
+    /// RabbitMQ message carries it (the other brokers set it on delivery).
+    pub fn revived(&self, made: u32) -> Job {
+        let budget = self.max_attempts.saturating_sub(self.attempts_before).max(1);
+        Job {
+            max_attempts: made.saturating_add(budget),
+            attempts_before: made,
+            crashes: 0,
+            attempt: made,
+            run_at_ms: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// The error a job quarantined as a poison pill is left with.
+pub fn quarantine_error(crashes: u32) -> String {
+    format!("quarantined: its worker died {crashes} times while running it")
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -175,6 +208,8 @@ mod tests {
             trace_id: None,
             idempotency_key: None,
             attempt: 0,
+            crashes: 0,
+            attempts_before: 0,
             receipt: 7,
         };
         let text = serde_json::to_string(&job).unwrap();
@@ -183,5 +218,20 @@ mod tests {
         assert_eq!(back.payload.get(), r#"{"a": [1, 2]}"#);
         assert_eq!(back.id, job.id);
         assert_eq!(back.receipt, 0);
+    }
+
+    #[test]
+    fn a_revived_job_gets_its_budget_again_and_keeps_counting_attempts() {
+        let mut job: Job = serde_json::from_str(
+            r#"{"id":"0190b5a0-0000-7000-8000-000000000000","queue":"noop","kind":"noop","payload":{},"max_attempts":3,"enqueued_at_ms":1,"crashes":2}"#,
+        )
+        .unwrap();
+        job.run_at_ms = Some(5);
+        let once = job.revived(3);
+        assert_eq!((once.max_attempts, once.attempts_before, once.crashes), (6, 3, 0));
+        assert_eq!(once.run_at_ms, None);
+        // Died early (an error retrying cannot fix) on its second life: 3 more attempts again.
+        let twice = once.revived(4);
+        assert_eq!((twice.max_attempts, twice.attempts_before), (7, 4));
     }
 }

@@ -29,7 +29,8 @@ pub mod stats;
 
 pub use backend::{JobRef, QueueBackend, SettledCount};
 pub use broker::{
-    BrokerError, BrokerOptions, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats,
+    BrokerError, BrokerOptions, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer,
+    QueueStats,
 };
 pub use catalog::{Catalog, CatalogConfig, CatalogError, KindSpec};
 pub use job::{Job, JobId, JobRecord, JobState, Outcome, Settlement};

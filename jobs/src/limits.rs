@@ -392,6 +392,8 @@ mod tests {
             idempotency_key: None,
             attempt: 1,
             receipt: 0,
+            crashes: 0,
+            attempts_before: 0,
         }
     }
 

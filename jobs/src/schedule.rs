@@ -474,6 +474,8 @@ impl JobTemplate {
             trace_id: None,
             idempotency_key: Some(idempotency_key(schedule, tick)),
             attempt: 0,
+            crashes: 0,
+            attempts_before: 0,
             receipt: 0,
         })
     }

@@ -74,10 +74,16 @@ async fn delete_queues(prefix: &str) -> Result<(), lapin::Error> {
         ch.queue_delete(name.into(), QueueDeleteOptions::default())
             .await?;
     }
+    ch.exchange_delete(format!("{prefix}.canceled").as_str().into(), Default::default())
+        .await?;
     Ok(())
 }
 
 async fn env() -> Env {
+    env_of(jobs::broker::amqp::QueueType::Classic).await
+}
+
+async fn env_of(queue_type: jobs::broker::amqp::QueueType) -> Env {
     if tokio::net::TcpStream::connect(ADDR).await.is_err() {
         panic!("RabbitMQ is not reachable at {ADDR}; start it with `rabbitmq-server -detached`");
     }
@@ -92,6 +98,7 @@ async fn env() -> Env {
         BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: queue_type,
         },
     )
     .await
@@ -118,6 +125,8 @@ fn job(q: &QueueName, max_attempts: u32) -> Job {
         trace_id: None,
         idempotency_key: None,
         attempt: 0,
+        crashes: 0,
+        attempts_before: 0,
         receipt: 0,
     }
 }
@@ -193,113 +202,6 @@ async fn a_pushed_job_is_delivered_once_and_gone_after_its_ack() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_a_thousand_jobs_is_delivered_exactly_once() {
-    let e = env().await;
-    let c = ConsumerConfig::default();
-    let d = e.broker.driver(&e.queue, &c).await.unwrap();
-    let jobs: Vec<Job> = (0..1_000).map(|_| job(&e.queue, 3)).collect();
-    let mut ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-
-    let start = Instant::now();
-    let res = e.broker.push_batch(jobs).await.unwrap();
-    let took = start.elapsed();
-    println!(
-        "push_batch: 1000 confirmed jobs in {took:?} ({:.0} jobs/s)",
-        1_000.0 / took.as_secs_f64()
-    );
-    assert_eq!(
-        res.iter().map(|r| r.id).collect::<Vec<_>>(),
-        ids,
-        "results in request order"
-    );
-    let s = wait_for_stats(&e, "all pending", |s| s.pending == 1_000).await;
-    assert_eq!(s.scheduled, 0);
-
-    // Settled batch by batch, as a worker does: RabbitMQ hands one consumer at most twice its
-    // prefetch of unacknowledged jobs.
-    let start = Instant::now();
-    let mut got = Vec::new();
-    while got.len() < 1_000 && start.elapsed() < Duration::from_secs(20) {
-        let batch = d.fetch(c.prefetch, Duration::from_millis(200)).await.unwrap();
-        d.settle(
-            &batch
-                .iter()
-                .cloned()
-                .map(|j| settle(j, Outcome::Succeeded, &c))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
-        got.extend(batch);
-    }
-    let took = start.elapsed();
-    println!(
-        "fetch + settle: {} jobs in {took:?} ({:.0} jobs/s)",
-        got.len(),
-        got.len() as f64 / took.as_secs_f64()
-    );
-    assert!(got.iter().all(|j| j.attempt == 1));
-    let mut seen: Vec<JobId> = got.iter().map(|j| j.id).collect();
-    seen.sort();
-    ids.sort();
-    assert_eq!(seen, ids, "every job delivered exactly once");
-    assert!(
-        d.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty(),
-        "nothing delivered twice"
-    );
-    wait_for_stats(&e, "queue drained", |s| s.pending == 0).await;
-
-    let start = Instant::now();
-    for _ in 0..200 {
-        e.broker.push(job(&e.queue, 3)).await.unwrap();
-    }
-    println!(
-        "push: {:?} per confirmed job, one at a time",
-        start.elapsed() / 200
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_comes_back_no_sooner_than_its_time_as_attempt_two() {
-    let e = env().await;
-    let c = ConsumerConfig::default();
-    let d = e.broker.driver(&e.queue, &c).await.unwrap();
-    e.broker.push(job(&e.queue, 3)).await.unwrap();
-    let first = fetch_n(&d, 1, Duration::from_secs(5))
-        .await
-        .pop()
-        .expect("delivered");
-    assert_eq!(first.attempt, 1);
-
-    // Far enough out (delay queue 3, 800 ms) that a slow settle or stats call on a busy
-    // machine still finds it waiting.
-    let retry_at = now_ms() + 1_000;
-    let outcome = Outcome::Retry {
-        at_ms: retry_at,
-        error: "boom".into(),
-        how: AttemptOutcome::Failed,
-    };
-    d.settle(&[settle(first.clone(), outcome, &c)]).await.unwrap();
-    let s = e.broker.stats(&e.queue).await.unwrap();
-    assert_eq!(
-        (s.pending, s.scheduled),
-        (0, 1),
-        "the retry waits in a delay queue: {s:?}"
-    );
-
-    let again = fetch_n(&d, 1, Duration::from_secs(5))
-        .await
-        .pop()
-        .expect("redelivered");
-    let late = now_ms() - retry_at;
-    println!("retry delivered {late} ms after its time");
-    assert!(late >= -5, "retry delivered {} ms early", -late);
-    assert!(late < 1_000, "retry delivered {late} ms late");
-    assert_eq!((again.id, again.attempt), (first.id, 2));
-    d.settle(&[settle(again, Outcome::Succeeded, &c)]).await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_job_lands_in_the_dead_queue_with_its_error_and_is_counted() {
     let e = env().await;
     let c = ConsumerConfig::default();
@@ -350,40 +252,6 @@ async fn a_dead_job_lands_in_the_dead_queue_with_its_error_and_is_counted() {
         Some(id.to_string())
     );
     assert_eq!(msg.delivery.properties.delivery_mode(), &Some(2), "persistent");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn released_jobs_are_delivered_again_without_counting_an_attempt() {
-    let e = env().await;
-    let c = ConsumerConfig::default();
-    let d = e.broker.driver(&e.queue, &c).await.unwrap();
-    e.broker
-        .push_batch((0..3).map(|_| job(&e.queue, 3)).collect())
-        .await
-        .unwrap();
-    let got = fetch_n(&d, 3, Duration::from_secs(5)).await;
-    assert_eq!(got.len(), 3);
-    d.release(&got).await.unwrap();
-
-    let again = fetch_n(&d, 3, Duration::from_secs(5)).await;
-    let mut before: Vec<JobId> = got.iter().map(|j| j.id).collect();
-    let mut after: Vec<JobId> = again.iter().map(|j| j.id).collect();
-    before.sort();
-    after.sort();
-    assert_eq!(before, after);
-    assert!(
-        again.iter().all(|j| j.attempt == 1),
-        "a released job's attempt is not counted"
-    );
-    d.settle(
-        &again
-            .into_iter()
-            .map(|j| settle(j, Outcome::Succeeded, &c))
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
-    assert!(d.fetch(3, Duration::from_millis(300)).await.unwrap().is_empty());
 }
 
 /// Acks go out as one `multiple` ack below the oldest open delivery and singly above it. A
@@ -452,27 +320,6 @@ async fn jobs_settled_out_of_delivery_order_are_each_acknowledged_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_delayed_by_a_second_is_scheduled_and_not_delivered_early() {
-    let e = env().await;
-    let c = ConsumerConfig::default();
-    let d = e.broker.driver(&e.queue, &c).await.unwrap();
-    let mut j = job(&e.queue, 3);
-    let at = now_ms() + 1_000;
-    j.run_at_ms = Some(at);
-    e.broker.push(j).await.unwrap();
-    let s = e.broker.stats(&e.queue).await.unwrap();
-    assert_eq!((s.pending, s.scheduled), (0, 1), "{s:?}");
-
-    let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
-    let late = now_ms() - at;
-    println!("delayed job delivered {late} ms after its time");
-    assert_eq!(got.len(), 1);
-    assert!(late >= -5, "delivered {} ms early", -late);
-    assert!(late < 1_000, "delivered {late} ms late");
-    assert_eq!(got[0].attempt, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_due_in_less_than_a_delay_step_waits_for_its_time() {
     let e = env().await;
     let c = ConsumerConfig::default();
@@ -506,6 +353,7 @@ async fn a_job_canceled_through_another_process_is_never_delivered() {
         BrokerOptions {
             prefix: e.prefix.clone(),
             db: e.db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -574,6 +422,7 @@ async fn an_unreachable_rabbitmq_makes_calls_fail_as_unavailable_without_hanging
         BrokerOptions {
             prefix: "unreachable".into(),
             db,
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -659,6 +508,7 @@ async fn after_a_lost_connection_pushes_and_consumers_resume_and_unacked_jobs_co
         BrokerOptions {
             prefix: e.prefix.clone(),
             db: e.db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -719,7 +569,12 @@ async fn after_a_lost_connection_pushes_and_consumers_resume_and_unacked_jobs_co
     let mut want = vec![a, b];
     want.sort();
     assert_eq!(ids, want);
-    assert!(got.iter().all(|j| j.attempt == 1));
+    // The job held across the cut lost its attempt with the connection: counted, as a crash
+    // (the same as a lease running out on Redis).
+    for j in &got {
+        let want = if j.id == held.id { (2, 1) } else { (1, 0) };
+        assert_eq!((j.attempt, j.crashes), want, "{}", j.id);
+    }
 
     // The ack of the delivery from before the cut is void; it must not ack anything else.
     d.settle(&[settle(held, Outcome::Succeeded, &c)]).await.unwrap();
@@ -737,4 +592,223 @@ async fn after_a_lost_connection_pushes_and_consumers_resume_and_unacked_jobs_co
     assert!(d.fetch(2, Duration::from_millis(300)).await.unwrap().is_empty());
     let s = e.broker.stats(&e.queue).await.unwrap();
     assert_eq!(s.pending, 0, "{s:?}");
+}
+
+/// Another process on the same queues and history database (an API replica, another worker).
+async fn second_broker(e: &Env) -> Arc<dyn Producer> {
+    jobs::broker::connect(
+        URL,
+        BrokerOptions {
+            prefix: e.prefix.clone(),
+            db: e.db.clone(),
+            amqp_queue_type: Default::default(),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_in_the_queue_are_delivered_by_priority() {
+    let e = env().await;
+    let jobs: Vec<Job> = [0, 5, -1, 3, 9, -9]
+        .into_iter()
+        .map(|p| Job {
+            priority: p,
+            ..job(&e.queue, 3)
+        })
+        .collect();
+    // Pushed before any consumer exists, so RabbitMQ orders all of them.
+    e.broker.push_batch(jobs).await.unwrap();
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let got: Vec<i32> = fetch_n(&d, 6, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|j| j.priority)
+        .collect();
+    // 9 and 5 share the top level (5 and above), -9 and -1 keep their order apart.
+    assert_eq!(got.len(), 6);
+    assert!(got[..2].contains(&9) && got[..2].contains(&5), "{got:?}");
+    assert_eq!(&got[2..], [3, 0, -1, -9]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_declared_without_priorities_by_an_older_drover_keeps_working() {
+    let e = env().await;
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+    ch.queue_declare(
+        format!("{}.default", e.prefix).as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        args,
+    )
+    .await
+    .unwrap();
+    let id = e.broker.push(job(&e.queue, 3)).await.unwrap().id;
+    let d = e
+        .broker
+        .driver(&e.queue, &ConsumerConfig::default())
+        .await
+        .unwrap();
+    let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), [id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_quorum_queues_jobs_retries_delays_and_the_dead_set_work() {
+    let e = env_of(jobs::broker::amqp::QueueType::Quorum).await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    // The queues really are quorum queues.
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+    let redeclare = ch
+        .queue_declare(
+            format!("{}.default", e.prefix).as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            args,
+        )
+        .await;
+    assert!(
+        redeclare.is_err(),
+        "a classic declaration of a quorum queue is refused"
+    );
+
+    let mut delayed = job(&e.queue, 2);
+    let at = now_ms() + 500;
+    delayed.run_at_ms = Some(at);
+    let id = e.broker.push(delayed).await.unwrap().id;
+    let first = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("delivered");
+    assert!(now_ms() >= at - 5, "delivered early");
+    let retry = Outcome::Retry {
+        at_ms: now_ms() + 300,
+        error: "boom".into(),
+        how: AttemptOutcome::Failed,
+    };
+    d.settle(&[settle(first, retry, &c)]).await.unwrap();
+    let second = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("retried");
+    assert_eq!((second.id, second.attempt), (id, 2));
+    let dead = Outcome::Dead {
+        error: "bad".into(),
+        how: AttemptOutcome::Failed,
+    };
+    d.settle(&[settle(second, dead, &c)]).await.unwrap();
+    wait_for_stats(&e, "one dead", |s| s.dead == 1).await;
+    assert_eq!(e.broker.retry_dead(id).await.unwrap(), jobs::DeadOutcome::Done);
+    let third = fetch_n(&d, 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("revived");
+    assert_eq!((third.id, third.attempt, third.max_attempts), (id, 3, 4));
+}
+
+/// Two API replicas push the same key at once: one job, both answered with its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_pushed_by_two_replicas_at_once_makes_one_job() {
+    let e = env().await;
+    let other = second_broker(&e).await;
+    for round in 0..20 {
+        let key = format!("order-{round}");
+        let mut a = job(&e.queue, 3);
+        a.idempotency_key = Some(key.clone());
+        let mut b = job(&e.queue, 3);
+        b.idempotency_key = Some(key);
+        let (ra, rb) = tokio::join!(e.broker.push(a.clone()), other.push(b.clone()));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.id, rb.id, "round {round}: both get the one job");
+        assert_eq!(
+            [ra.duplicate, rb.duplicate].iter().filter(|d| **d).count(),
+            1,
+            "round {round}"
+        );
+        assert!(ra.id == a.id || ra.id == b.id);
+    }
+    let s = wait_for_stats(&e, "20 jobs", |s| s.pending == 20).await;
+    assert_eq!(s.pending, 20);
+}
+
+/// A graceful release is not a crash: the job comes back uncounted, with no crash against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_job_is_not_counted_as_a_crash() {
+    let e = env().await;
+    let c = ConsumerConfig {
+        quarantine_after: 1,
+        ..ConsumerConfig::default()
+    };
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let id = e.broker.push(job(&e.queue, 3)).await.unwrap().id;
+    for _ in 0..3 {
+        let got = fetch_n(&d, 1, Duration::from_secs(5)).await;
+        assert_eq!(
+            got.iter()
+                .map(|j| (j.id, j.attempt, j.crashes))
+                .collect::<Vec<_>>(),
+            [(id, 1, 0)]
+        );
+        d.release(&got).await.unwrap();
+    }
+    let s = e.broker.stats(&e.queue).await.unwrap();
+    assert_eq!(s.dead, 0, "{s:?}");
+}
+
+/// A cancel through another process reaches consumers as a notice within milliseconds, not
+/// at the next one-second refresh: jobs due 150 ms after their cancel never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_another_process_reaches_consumers_at_once() {
+    let e = env().await;
+    let c = ConsumerConfig::default();
+    let d = e.broker.driver(&e.queue, &c).await.unwrap();
+    let api = second_broker(&e).await;
+    // The consumer's process subscribes to cancel notices when its first driver starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut doomed = Vec::new();
+    for _ in 0..5 {
+        let mut j = job(&e.queue, 3);
+        j.run_at_ms = Some(now_ms() + 150);
+        api.push(j.clone()).await.unwrap();
+        let enqueued = schema::history::HistoryEvent::Enqueued {
+            id: j.id.0,
+            queue: e.queue.to_string(),
+            kind: j.kind.to_string(),
+            payload: serde_json::from_str(j.payload.get()).unwrap(),
+            max_attempts: 3,
+            priority: 0,
+            idempotency_key: None,
+            trace_id: None,
+            run_at: chrono::DateTime::from_timestamp_millis(j.run_at_ms.unwrap()),
+            at: chrono::Utc::now(),
+        };
+        schema::history::apply_batch(&e.db, &[enqueued]).await.unwrap();
+        assert_eq!(api.cancel(j.id).await.unwrap(), CancelOutcome::Canceled);
+        doomed.push(j.id);
+        let kept = api.push(job(&e.queue, 3)).await.unwrap().id;
+        let got = fetch_n(&d, 2, Duration::from_millis(600)).await;
+        assert_eq!(
+            got.iter().map(|j| j.id).collect::<Vec<_>>(),
+            [kept],
+            "the job canceled 150 ms before it was due never runs"
+        );
+        d.settle(
+            &got.into_iter()
+                .map(|j| settle(j, Outcome::Succeeded, &c))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    }
 }

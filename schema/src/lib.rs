@@ -19,6 +19,8 @@ pub mod entity;
 pub mod events;
 /// Recording job events: the event types, the batched upsert and the background writer.
 pub mod history;
+/// Idempotency keys for brokers that cannot keep them (RabbitMQ).
+pub mod idempotency;
 /// API keys as stored (hashed): insert, look up, list, revoke, record use.
 pub mod keys;
 /// Schema migrations, applied by `drover migrate`.

@@ -123,6 +123,30 @@ pub async fn cancel_job(
     })
 }
 
+/// Records that dead jobs were put back in line (RabbitMQ, whose job state lives here);
+/// returns how many were recorded as dead.
+#[tracing::instrument(skip(db, ids), fields(jobs = ids.len()))]
+pub async fn revive_dead_jobs(
+    db: &impl ConnectionTrait,
+    ids: &[Uuid],
+    at: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let updated = job::Entity::update_many()
+        .col_expr(job::Column::Status, Expr::value(JobState::Pending.as_str()))
+        .col_expr(
+            job::Column::EventAt,
+            Func::greatest([Expr::col(job::Column::EventAt), Expr::value(at)]).into(),
+        )
+        .filter(job::Column::Id.is_in(ids.iter().copied()))
+        .filter(job::Column::Status.eq(JobState::Dead.as_str()))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected)
+}
+
 /// Ids of jobs canceled at or after `since`: workers poll this to skip jobs they hold.
 #[tracing::instrument(skip(db))]
 pub async fn canceled_since(db: &impl ConnectionTrait, since: DateTime<Utc>) -> Result<Vec<Uuid>, DbError> {

@@ -43,6 +43,7 @@ async fn families(db_url: &str, prefix: &str) -> Families {
         BrokerOptions {
             prefix: prefix.to_owned(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -235,6 +236,8 @@ async fn rescoring_fans_out_over_two_worker_processes_and_equals_one_process_exa
             idempotency_key: None,
             attempt: 0,
             receipt: 0,
+            crashes: 0,
+            attempts_before: 0,
         })
         .await
         .unwrap();

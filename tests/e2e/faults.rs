@@ -69,6 +69,7 @@ async fn jobs_survive_a_worker_killed_every_two_seconds(broker: Broker) {
         BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -94,6 +95,8 @@ async fn jobs_survive_a_worker_killed_every_two_seconds(broker: Broker) {
                 idempotency_key: None,
                 attempt: 0,
                 receipt: 0,
+                crashes: 0,
+                attempts_before: 0,
             })
             .collect();
         producer.push_batch(batch).await.unwrap();

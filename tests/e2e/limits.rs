@@ -47,6 +47,7 @@ impl Fleet {
             BrokerOptions {
                 prefix: prefix.clone(),
                 db: db.clone(),
+                amqp_queue_type: Default::default(),
             },
         )
         .await
@@ -91,6 +92,8 @@ impl Fleet {
                 idempotency_key: None,
                 attempt: 0,
                 receipt: 0,
+                crashes: 0,
+                attempts_before: 0,
             })
             .collect();
         let tags = jobs

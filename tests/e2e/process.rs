@@ -95,6 +95,7 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
         BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -115,6 +116,8 @@ async fn sigterm_lets_fifty_running_one_second_jobs_finish_once_and_exits_zero(b
             trace_id: None,
             idempotency_key: None,
             attempt: 0,
+            crashes: 0,
+            attempts_before: 0,
             receipt: 0,
         })
         .collect();
@@ -284,6 +287,8 @@ fn one_job(queue: &str, kind: &str, payload: &str) -> Job {
         trace_id: None,
         idempotency_key: None,
         attempt: 0,
+        crashes: 0,
+        attempts_before: 0,
         receipt: 0,
     }
 }
@@ -341,6 +346,7 @@ async fn worker_probes_stay_alive_but_not_ready_while_draining_and_serve_job_met
         BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await

@@ -417,6 +417,7 @@ async fn ticks_a_dead_replica_claimed_are_enqueued_once_by_another_after_the_lea
         jobs::BrokerOptions {
             prefix: prefix.clone(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await
@@ -544,6 +545,7 @@ async fn after_downtime_missed_ticks_follow_each_schedules_policy() {
         jobs::BrokerOptions {
             prefix: "drover".into(),
             db: db.clone(),
+            amqp_queue_type: Default::default(),
         },
     )
     .await

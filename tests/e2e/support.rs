@@ -156,6 +156,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         broker_url: broker_url.parse::<Secret>().unwrap(),
         database_url: db_url.parse::<Secret>().unwrap(),
         broker_prefix: prefix.clone(),
+        amqp_queue_type: Default::default(),
         config: None,
     };
     let catalog_cfg = CatalogConfig {
@@ -193,6 +194,7 @@ pub(crate) async fn spawn_app(broker: Broker, opts: Options) -> TestApp {
         concurrency: opts.concurrency,
         prefetch: 100,
         lease_s: 30,
+        quarantine_after: jobs::broker::QUARANTINE_AFTER,
         shutdown_grace_s: 10,
         chaos_drills: false,
         limits_url: None,

@@ -40,6 +40,8 @@ pub struct WorkerSettings {
     pub prefetch: usize,
     /// Visibility timeout: a job held by a worker that stops renewing comes back after this.
     pub lease: Duration,
+    /// Crashes of its worker after which a job is quarantined in the dead set.
+    pub quarantine_after: u32,
     /// How long running jobs may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Prefix of this process's worker names (unique names are derived from it).
@@ -60,6 +62,7 @@ impl Default for WorkerSettings {
             concurrency: 50,
             prefetch: 100,
             lease: Duration::from_secs(30),
+            quarantine_after: jobs::broker::QUARANTINE_AFTER,
             shutdown_grace: Duration::from_secs(30),
             name: default_name(),
             settled: Default::default(),
@@ -101,6 +104,7 @@ pub async fn run(
             worker: worker.clone(),
             prefetch: settings.prefetch,
             lease: settings.lease,
+            quarantine_after: settings.quarantine_after,
             settled: settings.settled.clone(),
             history: history.clone(),
             ..ConsumerConfig::default()
@@ -225,6 +229,9 @@ impl tower::Service<Task<JobRef>> for AttemptService {
             job.kind = %job.kind,
             queue = %job.queue,
             attempt = job.attempt,
+            // Workers that died running this job before; at `DROVER_QUARANTINE_AFTER` the
+            // broker quarantines it instead of delivering it.
+            crashes = job.crashes,
             trace_id = job.trace_id.as_deref().unwrap_or(""),
         );
         Box::pin(async move { Ok(this.attempt(job).await) }.instrument(span))

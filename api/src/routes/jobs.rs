@@ -1,7 +1,8 @@
-//! Jobs: enqueue one or many, look one up (broker first, then history), cancel one.
+//! Jobs: enqueue one or many, look one up (broker first, then history), cancel or discard one,
+//! retry a dead one.
 
 use chrono::{DateTime, Utc};
-use jobs::{CancelOutcome, JobId, JobRecord, JobState};
+use jobs::{CancelOutcome, DeadOutcome, JobId, JobRecord, JobState};
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi,
     param::{Header, Path},
@@ -147,13 +148,29 @@ impl JobsApi {
         Ok(Json(details))
     }
 
-    /// Cancel a job
+    /// Cancel a job, or discard a dead one
     ///
-    /// Only pending and scheduled jobs can be canceled; a running or finished job answers 409.
+    /// A pending or scheduled job is canceled: it never runs (`status: canceled`). A dead job is
+    /// discarded: removed from its queue's dead set for good (`status: dead`, `discarded: true`);
+    /// its record and attempt history stay in the history database. A running, succeeded or
+    /// canceled job answers 409 (`not-cancelable`). Role: operator.
     #[oai(path = "/v1/jobs/:id", method = "delete", operation_id = "cancelJob")]
     async fn cancel_job(&self, id: Path<String>) -> Result<Json<Canceled>, ApiError> {
         let id = parse_job_id(&id)?;
         match self.state.broker.cancel(id).await? {
+            CancelOutcome::NotCancelable(JobState::Dead) => match self.state.broker.discard_dead(id).await? {
+                DeadOutcome::Done => Ok(Json(Canceled {
+                    id: id.0,
+                    status: JobStatus::Dead,
+                    discarded: true,
+                })),
+                DeadOutcome::NotDead(state) => Err(ApiError::NotCancelable {
+                    id,
+                    state: state.to_string(),
+                }),
+                // Discarded by someone else in between.
+                DeadOutcome::NotFound => Err(ApiError::NotFound(format!("no job has id {id} in the broker"))),
+            },
             CancelOutcome::Canceled => {
                 if let Some(history) = &self.state.history {
                     history.record(HistoryEvent::Canceled {
@@ -164,6 +181,7 @@ impl JobsApi {
                 Ok(Json(Canceled {
                     id: id.0,
                     status: JobStatus::Canceled,
+                    discarded: false,
                 }))
             }
             CancelOutcome::NotCancelable(state) => Err(ApiError::NotCancelable {
@@ -179,6 +197,34 @@ impl JobsApi {
                 None => Err(ApiError::NotFound(format!("no job has id {id}"))),
             },
         }
+    }
+
+    /// Retry a dead job
+    ///
+    /// Puts a dead job (out of attempts, failed with an error retrying cannot fix, or
+    /// quarantined after crashing its workers) back in its queue, due now, with a fresh attempt
+    /// budget: as many attempts again as it had. Attempt numbers count on, so the history of
+    /// earlier attempts stays. A job in any other state (or discarded) answers 409
+    /// (`not-dead`). Role: operator.
+    #[oai(path = "/v1/jobs/:id/retry", method = "post", operation_id = "retryJob")]
+    async fn retry_job(&self, id: Path<String>) -> Result<Json<Retried>, ApiError> {
+        let id = parse_job_id(&id)?;
+        let state = match self.state.broker.retry_dead(id).await? {
+            DeadOutcome::Done => {
+                return Ok(Json(Retried {
+                    id: id.0,
+                    status: JobStatus::Pending,
+                }));
+            }
+            DeadOutcome::NotDead(state) => state.to_string(),
+            // The broker forgets finished (and discarded) jobs; history may still know this one.
+            DeadOutcome::NotFound => match self.history_of(id).await? {
+                Some(view) if view.job.status == JobState::Dead.as_str() => "dead but discarded".to_owned(),
+                Some(view) => view.job.status,
+                None => return Err(ApiError::NotFound(format!("no job has id {id}"))),
+            },
+        };
+        Err(ApiError::NotDead { id, state })
     }
 }
 
@@ -300,6 +346,16 @@ pub(crate) enum BatchResponse {
 #[derive(Object)]
 pub(crate) struct Canceled {
     id: Uuid,
+    /// `canceled`, or `dead` for a dead job that was discarded.
+    status: JobStatus,
+    /// True when a dead job was removed from the dead set rather than a waiting job canceled.
+    discarded: bool,
+}
+
+#[derive(Object)]
+pub(crate) struct Retried {
+    id: Uuid,
+    /// Always `pending`: back in its queue, due now.
     status: JobStatus,
 }
 

@@ -322,7 +322,10 @@ async fn a_pending_job_can_be_canceled_once() {
     let id = app.enqueue_ok(json!({"kind": "noop"})).await;
     let (status, _, canceled) = read(app.client.delete(format!("/v1/jobs/{id}")).send().await).await;
     assert_eq!(status, StatusCode::OK, "{canceled}");
-    assert_eq!(canceled, json!({"id": id, "status": "canceled"}));
+    assert_eq!(
+        canceled,
+        json!({"id": id, "status": "canceled", "discarded": false})
+    );
     let (_, _, job) = app.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["status"], "canceled");
 

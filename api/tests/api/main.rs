@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod dead;
 mod families;
 mod health;
 mod jobs;

@@ -50,6 +50,7 @@ pub(crate) async fn spawn_app_with(broker_url: &str, config: ApiConfig) -> TestA
     let opts = jobs::BrokerOptions {
         prefix: prefix.clone(),
         db: db.clone(),
+        amqp_queue_type: Default::default(),
     };
     let broker = jobs::broker::connect(broker_url, opts)
         .await

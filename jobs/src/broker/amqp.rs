@@ -1,10 +1,11 @@
 //! drover's RabbitMQ broker.
 //!
-//! Layout, for prefix `P` and queue `q` (all queues durable, classic, on the default exchange):
+//! Layout, for prefix `P` and queue `q` (all queues durable, on the default exchange; classic, or
+//! quorum with [`QueueType::Quorum`]):
 //!
 //! | queue | holds |
 //! |---|---|
-//! | `P.q` | jobs ready to run. **KEDA's `rabbitmq` scaler reads its ready count (`queueName: P.q`).** |
+//! | `P.q` | jobs ready to run; classic: `x-max-priority` 10. **KEDA's `rabbitmq` scaler reads its ready count (`queueName: P.q`).** |
 //! | `P.q.delay.<k>`, k = 0..=24 | delayed jobs and retries. Each queue has one `x-message-ttl` of 100 ms · 2^k and dead-letters expired messages back into `P.q`. |
 //! | `P.q.dead` | the dead set: jobs out of attempts or failed beyond retrying, error in header `x-drover-error` |
 //!
@@ -19,19 +20,50 @@
 //! hop at least halves what is left) and keeps the last < 100 ms in memory, so a job is never
 //! delivered more than 5 ms early and typically within a few milliseconds of its time.
 //!
-//! **Job state.** RabbitMQ cannot look a message up, so `get`, `cancel`, `dead` and the running /
-//! done / failed counts read the history database the API and workers write in batches. A
-//! cancel marks the job there; consumers refresh the set of canceled ids every second and drop
-//! such jobs when they arrive (see [`CANCELED_REFRESH`] for the window).
+//! **Job state.** RabbitMQ cannot look a message up, so `get`, `cancel` and the running / done /
+//! failed counts read the history database the API and workers write in batches. A cancel
+//! marks the job there at once and announces it on the fanout exchange `P.canceled`
+//! (confirmed), to which every consuming process listens with a queue of its own; consumers
+//! drop canceled jobs as they arrive. A process that missed a notice (disconnected) learns of
+//! the cancel when it next reads the canceled ids from the database (every
+//! [`CANCELED_REFRESH`]). Guarantee: a job canceled before RabbitMQ delivers it to a consumer
+//! never runs; one already delivered — in a worker's prefetch buffer — may still run, as on
+//! the other brokers a job already leased does.
 //!
-//! **Leases.** RabbitMQ keeps an unacknowledged message with its consumer until the consumer's
-//! channel closes (worker crash, connection loss), then requeues it: that is the visibility
-//! timeout, so `renew` has nothing to do. RabbitMQ's `consumer_timeout` (30 min by default)
-//! closes the channel of a consumer that holds a message longer; raise it for longer jobs.
+//! **Dead set.** The dead queue is the dead set: `dead` reads it (messages taken
+//! unacknowledged on a channel of their own, which go back in order when it closes), newest
+//! first among its oldest [`DEAD_SCAN_MAX`]; retrying publishes a revived copy to `P.q`
+//! (confirmed) before acknowledging the dead message; discarding all purges the queue.
 //!
-//! Not on RabbitMQ (yet): priorities (classic queues without `x-max-priority`), idempotency keys
-//! (a push is never reported as a duplicate), quorum queues for a RabbitMQ cluster (a
-//! `x-queue-type` option on [`declare_queues`]).
+//! **Leases and crashes.** RabbitMQ keeps an unacknowledged message with its consumer until the
+//! consumer's channel closes (worker crash, connection loss), then requeues it flagged
+//! `redelivered`: that is the visibility timeout, so `renew` has nothing to do. A redelivered
+//! message is never run as it is: the consumer publishes a copy (confirmed) whose envelope
+//! counts the crash (`crashes`, and the lost attempt), acknowledges the original, and runs the
+//! copy when it comes round — or sends it to the dead set once `quarantine_after` workers died
+//! holding it. Releases at shutdown publish such a copy too (with the attempt given back), so a
+//! requeue means a crash. RabbitMQ's `consumer_timeout` (30 min by default) closes the channel
+//! of a consumer that holds a message longer: raise it above the longest job's timeout, or the
+//! job counts as crashing its worker.
+//!
+//! **Idempotency keys** live in the history database's `idempotency_key` table, whose primary
+//! key (queue, key) makes a claim atomic across API replicas; a key maps to its first job for
+//! [`IDEMPOTENCY_WINDOW`] (24 h, as on Redis and SQLite) and is given back if the publish fails.
+//! A push with a key therefore needs the database (503 while it is down); pushes without one
+//! touch only RabbitMQ.
+//!
+//! **Priorities.** drover's priority `p` maps to RabbitMQ's `clamp(p, −5, 5) + 5` on a queue
+//! with `x-max-priority` 10 (0 → 5; jobs more than 5 apart from 0 share the top or bottom
+//! level). RabbitMQ orders only the messages still in the queue: up to twice the prefetch per
+//! worker are already delivered in arrival order. A classic queue declared by an older drover
+//! without `x-max-priority` keeps working, without priorities, until it is deleted.
+//!
+//! **Quorum queues** (`DROVER_AMQP_QUEUE_TYPE=quorum`, for a RabbitMQ cluster) replicate every
+//! queue with Raft. They give up priorities (RabbitMQ before 4.0 has none on quorum queues);
+//! delay queues keep their per-queue `x-message-ttl` (quorum queues have it since 3.10) and
+//! dead-letter at-least-once (`x-dead-letter-strategy`, with `x-overflow: reject-publish`).
+//! A queue's type is fixed when it is first declared: switching an existing deployment means
+//! draining and deleting its queues.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -64,7 +96,9 @@ use lapin::{
 use sea_orm::DatabaseConnection;
 use tokio::time::Instant;
 
-use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+use super::{
+    BrokerError, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer, QueueStats,
+};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
     queue::QueueName,
@@ -83,9 +117,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat asked for when the URL names none (RabbitMQ proposes 60 s): a dead peer is noticed
 /// within about two of them, and the next call dials again.
 const HEARTBEAT_S: u16 = 10;
-/// How often consumers refresh the canceled set from the history database. A job canceled less
-/// than this long before it reaches a consumer (plus the API's history flush interval) may still
-/// run, as may a job already prefetched by a worker.
+/// How often consumers refresh the canceled set from the history database: the fallback for
+/// cancel notices a process missed (it was disconnected when they were sent).
 const CANCELED_REFRESH: Duration = Duration::from_secs(1);
 /// How far back the canceled set reaches when a process starts, and how long an id stays in it:
 /// a delayed job canceled longer ago than this before it falls due is not recognized.
@@ -97,6 +130,16 @@ const CANCELED_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 const POOLED_CHANNELS: usize = 16;
 /// Messages per publishing channel in one go; bigger batches spread over several channels.
 const PUBLISH_CHUNK: usize = 1_000;
+/// drover priorities −5..=5 map onto RabbitMQ levels 0..=10 (`x-max-priority` 10).
+const PRIORITY_SPAN: i32 = 5;
+/// How long an idempotency key maps to its first job (as on Redis and SQLite).
+const IDEMPOTENCY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+/// How often a process deletes expired idempotency keys (at a push with a key).
+const IDEMPOTENCY_CLEANUP_EVERY_MS: i64 = 600_000;
+/// Dead messages read at most to list a dead set (newest first among these) or find one job.
+const DEAD_SCAN_MAX: usize = 10_000;
+/// Dead messages moved per round when retrying a whole dead set.
+const DEAD_SLICE: usize = 500;
 /// Header of dead messages carrying the last error.
 const ERROR_HEADER: &str = "x-drover-error";
 const MAX_ERROR_BYTES: usize = 8 * 1024;
@@ -106,6 +149,8 @@ const MAX_PREFIX_BYTES: usize = 128;
 /// generation, so a tag from a channel that has since closed is never acknowledged on its
 /// successor (where the same number names another message).
 const TAG_BITS: u32 = 48;
+/// The error of a job whose worker died on its last attempt (as on Redis and SQLite).
+const LEASE_EXPIRED: &str = "lease expired: the worker running it stopped responding";
 
 impl From<lapin::Error> for BrokerError {
     fn from(e: lapin::Error) -> Self {
@@ -186,6 +231,39 @@ fn delivery_tag(receipt: u64) -> u64 {
     receipt & ((1 << TAG_BITS) - 1)
 }
 
+/// The kind of RabbitMQ queue drover declares (`DROVER_AMQP_QUEUE_TYPE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues with priorities (`x-max-priority` 10): one node, or mirrored by policy.
+    #[default]
+    Classic,
+    /// Quorum queues, replicated across a RabbitMQ cluster (Raft). They give up priorities
+    /// (RabbitMQ before 4.0 ignores them on quorum queues); delay queues dead-letter
+    /// at-least-once.
+    Quorum,
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "classic" => Ok(Self::Classic),
+            "quorum" => Ok(Self::Quorum),
+            _ => Err(format!("AMQP queue type {s:?}: expected classic or quorum")),
+        }
+    }
+}
+
+impl QueueType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+}
+
 /// Queue names of one drover queue.
 #[derive(Debug)]
 struct Names {
@@ -218,22 +296,50 @@ impl Names {
 }
 
 /// Declares a drover queue's main, dead and delay queues (idempotent while the arguments match).
-async fn declare_queues(channel: &Channel, names: &Names) -> lapin::Result<()> {
+/// `priorities` is false only for a classic main queue declared before drover used them.
+async fn declare_queues(
+    channel: &Channel,
+    names: &Names,
+    queue_type: QueueType,
+    priorities: bool,
+) -> lapin::Result<()> {
     let durable = QueueDeclareOptions::durable();
     // Explicit, so a vhost whose default queue type is quorum gets the same semantics.
-    let classic = || {
+    let typed = || {
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("classic".into()));
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.as_str().into()),
+        );
         args
     };
+    let mut main = typed();
+    if queue_type == QueueType::Classic && priorities {
+        main.insert(
+            "x-max-priority".into(),
+            AMQPValue::ShortShortUInt(2 * PRIORITY_SPAN as u8),
+        );
+    }
     channel
-        .queue_declare(names.main.as_str().into(), durable, classic())
+        .queue_declare(names.main.as_str().into(), durable, main)
         .await?;
     channel
-        .queue_declare(names.dead.as_str().into(), durable, classic())
+        .queue_declare(names.dead.as_str().into(), durable, typed())
         .await?;
     for (k, name) in names.delays.iter().enumerate() {
-        let mut args = classic();
+        let mut args = typed();
+        if queue_type == QueueType::Quorum {
+            // Quorum queues dead-letter at most once unless told otherwise; an expired delayed
+            // job must not be lost on its way to the main queue.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ttl_ms(k)));
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
         args.insert(
@@ -245,14 +351,23 @@ async fn declare_queues(channel: &Channel, names: &Names) -> lapin::Result<()> {
     Ok(())
 }
 
+/// RabbitMQ's priority for drover's: 0 (the default) is the middle level, and each step up or
+/// down is one level, up to [`PRIORITY_SPAN`] either way; beyond that jobs share the top or
+/// bottom level.
+fn amqp_priority(priority: i32) -> u8 {
+    (priority.clamp(-PRIORITY_SPAN, PRIORITY_SPAN) + PRIORITY_SPAN) as u8
+}
+
 /// Properties of every message drover publishes.
-fn properties(id: Option<JobId>, error: Option<&str>) -> BasicProperties {
+fn properties(job: Option<&Job>, error: Option<&str>) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_timestamp(now_ms().max(0) as u64 / 1_000);
-    if let Some(id) = id {
-        props = props.with_message_id(id.to_string().into());
+    if let Some(job) = job {
+        props = props
+            .with_message_id(job.id.to_string().into())
+            .with_priority(amqp_priority(job.priority));
     }
     if let Some(error) = error {
         let mut end = error.len().min(MAX_ERROR_BYTES);
@@ -361,12 +476,20 @@ struct Inner {
     /// Ids of canceled jobs, with when this process learned of them (epoch ms).
     canceled: Mutex<HashMap<JobId, i64>>,
     refresher: AtomicBool,
+    queue_type: QueueType,
+    /// When this process last deleted expired idempotency keys (epoch ms).
+    keys_cleaned_ms: std::sync::atomic::AtomicI64,
 }
 
 impl AmqpBroker {
     /// Checks the URL and prefix; connects lazily, so drover starts (and reports not ready)
     /// while RabbitMQ is down. `amqps://` needs a TLS feature of lapin, not enabled in this build.
-    pub async fn connect(url: &str, prefix: &str, db: DatabaseConnection) -> Result<Self, BrokerError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        db: DatabaseConnection,
+        queue_type: QueueType,
+    ) -> Result<Self, BrokerError> {
         let mut uri: AMQPUri = url
             .parse()
             .map_err(|e| BrokerError::Other(format!("amqp URL: {e}")))?;
@@ -387,6 +510,8 @@ impl AmqpBroker {
                 names: Mutex::default(),
                 canceled: Mutex::default(),
                 refresher: AtomicBool::new(false),
+                queue_type,
+                keys_cleaned_ms: Default::default(),
             }),
         })
     }
@@ -431,9 +556,33 @@ impl AmqpBroker {
             return Ok(());
         }
         let names = self.names(q);
+        let queue_type = self.inner.queue_type;
         let pooled = self.take_channel().await?;
-        timed("declaring queues", declare_queues(&pooled.channel, &names)).await?;
-        self.give_back(pooled);
+        match timed(
+            "declaring queues",
+            declare_queues(&pooled.channel, &names, queue_type, true),
+        )
+        .await
+        {
+            Ok(()) => self.give_back(pooled),
+            // A classic main queue declared by an older drover has no `x-max-priority`, and
+            // RabbitMQ cannot add it: keep the queue as it is (the refusal closed the channel).
+            Err(BrokerError::Other(e)) if queue_type == QueueType::Classic && e.contains("PRECONDITION") => {
+                tracing::warn!(
+                    queue = %names.main,
+                    "RabbitMQ queue exists without x-max-priority: priorities are ignored on it \
+                     until it is deleted and declared again"
+                );
+                let pooled = self.take_channel().await?;
+                timed(
+                    "declaring queues",
+                    declare_queues(&pooled.channel, &names, queue_type, false),
+                )
+                .await?;
+                self.give_back(pooled);
+            }
+            Err(e) => return Err(e),
+        }
         self.inner
             .declared
             .lock()
@@ -597,6 +746,60 @@ impl AmqpBroker {
         out
     }
 
+    /// The key's table row: `prefix.queue`, so that brokers of different prefixes sharing a
+    /// database keep apart.
+    fn key_scope(&self, q: &QueueName) -> String {
+        format!("{}.{q}", self.inner.prefix)
+    }
+
+    /// Claims `job`'s idempotency key in the database; `Some(first)` if another job holds it.
+    async fn claim_key(&self, job: &Job, key: &str) -> Result<Option<JobId>, BrokerError> {
+        let now = Utc::now();
+        let holder = schema::idempotency::claim(
+            &self.inner.db,
+            &self.key_scope(&job.queue),
+            key,
+            job.id.0,
+            now,
+            now + IDEMPOTENCY_WINDOW,
+        )
+        .await
+        .map_err(history_error)?;
+        Ok(holder.filter(|h| *h != job.id.0).map(JobId))
+    }
+
+    /// Gives back keys claimed for jobs whose push failed (best effort: a key left behind
+    /// answers with a job RabbitMQ never stored until it expires, so say so).
+    async fn release_keys(&self, claimed: &[(QueueName, String, JobId)]) {
+        for (q, key, id) in claimed {
+            if let Err(e) = schema::idempotency::release(&self.inner.db, &self.key_scope(q), key, id.0).await
+            {
+                tracing::error!(queue = %q, job.id = %id, error = %e, "could not give back the idempotency key of a failed push");
+            }
+        }
+    }
+
+    /// Deletes expired idempotency keys, at most every ten minutes per process, in the background.
+    fn maybe_clean_keys(&self) {
+        let now = now_ms();
+        let last = self.inner.keys_cleaned_ms.load(Ordering::Relaxed);
+        if now - last < IDEMPOTENCY_CLEANUP_EVERY_MS
+            || self
+                .inner
+                .keys_cleaned_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let db = self.inner.db.clone();
+        tokio::spawn(async move {
+            if let Err(e) = schema::idempotency::delete_expired(&db, Utc::now()).await {
+                tracing::warn!(error = %e, "deleting expired idempotency keys failed");
+            }
+        });
+    }
+
     fn is_canceled(&self, id: JobId) -> bool {
         self.inner
             .canceled
@@ -605,10 +808,142 @@ impl AmqpBroker {
             .contains_key(&id)
     }
 
-    /// Starts the process's canceled-set refresher, once; it ends with the broker.
+    /// Starts the process's canceled-set refresher and the listener for cancel notices, once;
+    /// they end with the broker.
     fn start_refresher(&self) {
         if !self.inner.refresher.swap(true, Ordering::SeqCst) {
             tokio::spawn(refresh_canceled(Arc::downgrade(&self.inner)));
+            tokio::spawn(listen_for_cancels(Arc::downgrade(&self.inner)));
+        }
+    }
+
+    /// Tells every consuming process of this prefix that `id` was canceled: a message on the
+    /// fanout exchange `P.canceled`, confirmed. Cuts the window in which a canceled job may
+    /// still start from a refresh interval to a message's trip.
+    async fn announce_cancel(&self, id: JobId) -> Result<(), BrokerError> {
+        let pooled = self.take_channel().await?;
+        let exchange = cancel_exchange(&self.inner.prefix);
+        let confirm = timed("announcing a cancel", async {
+            declare_cancel_exchange(&pooled.channel, &exchange).await?;
+            pooled
+                .channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    id.to_string().as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await?
+                .await
+        })
+        .await?;
+        self.give_back(pooled);
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            other => Err(BrokerError::Unavailable(format!(
+                "rabbitmq did not confirm a cancel notice: {other:?}"
+            ))),
+        }
+    }
+}
+
+fn cancel_exchange(prefix: &str) -> String {
+    format!("{prefix}.canceled")
+}
+
+async fn declare_cancel_exchange(channel: &Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            // Notices matter only to processes listening now; the exchange goes with the last
+            // listener's queue (and with `destroy`).
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Receives cancel notices on a queue of this process's own (exclusive, deleted with its
+/// channel) bound to `P.canceled`, and adds their ids to the canceled set; resubscribes after
+/// a failure. Notices sent while it is down are covered by the database refresh.
+async fn listen_for_cancels(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let exchange = cancel_exchange(&strong.prefix);
+        let subscribed = async {
+            let conn = strong.consumer.connection().await?;
+            timed("subscribing to cancel notices", async {
+                let channel = conn.create_channel().await?;
+                declare_cancel_exchange(&channel, &exchange).await?;
+                let queue = channel
+                    .queue_declare(
+                        "".into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.name().clone(),
+                        exchange.as_str().into(),
+                        "".into(),
+                        Default::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let consumer = channel
+                    .basic_consume(
+                        queue.name().clone(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok((channel, consumer, conn.clone()))
+            })
+            .await
+        }
+        .await;
+        drop(strong);
+        let (_channel, mut consumer, _conn) = match subscribed {
+            Ok(s) => s,
+            Err(_) => {
+                // RabbitMQ is down: the refresher covers cancels meanwhile.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            // Wakes up now and then to notice that the broker is gone.
+            let next = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
+            let Some(inner) = inner.upgrade() else { return };
+            match next {
+                Err(_) => continue,
+                Ok(Some(Ok(delivery))) => {
+                    let id = std::str::from_utf8(&delivery.data).ok().and_then(JobId::parse);
+                    if let Some(id) = id {
+                        inner
+                            .canceled
+                            .lock()
+                            .expect("canceled poisoned")
+                            .entry(id)
+                            .or_insert(now_ms());
+                    }
+                }
+                Ok(_) => break,
+            }
         }
     }
 }
@@ -639,6 +974,160 @@ async fn refresh_canceled(inner: Weak<Inner>) {
                     warned = Some(Instant::now());
                 }
             }
+        }
+    }
+}
+
+/// A message read from a dead queue and not yet acknowledged.
+struct DeadMessage {
+    tag: u64,
+    /// `None` for a message whose body is not a job envelope (kept, never retried).
+    job: Option<Job>,
+    error: Option<String>,
+    /// When it was published to the dead queue (epoch ms, second precision).
+    at_ms: Option<i64>,
+}
+
+impl DeadMessage {
+    fn record(&self, q: &QueueName) -> Option<JobRecord> {
+        let job = self.job.as_ref()?;
+        Some(JobRecord {
+            id: job.id,
+            queue: q.to_string(),
+            kind: job.kind.to_string(),
+            status: JobState::Dead,
+            attempts: job.attempt,
+            max_attempts: job.max_attempts,
+            priority: job.priority,
+            payload: serde_json::from_str(job.payload.get()).ok(),
+            created_at_ms: job.enqueued_at_ms,
+            run_at_ms: job.run_at_ms,
+            started_at_ms: None,
+            finished_at_ms: self.at_ms,
+            last_error: self.error.clone(),
+            worker_id: None,
+            trace_id: job.trace_id.clone(),
+        })
+    }
+}
+
+/// Closes a dead-queue reader: what it took and did not acknowledge goes back, in order.
+async fn close_reader(ch: Channel) {
+    let _ = tokio::time::timeout(RPC_TIMEOUT, ch.close(200, "done".into())).await;
+}
+
+impl AmqpBroker {
+    /// The queues where job `id` may sit dead: its queue as the history database knows it,
+    /// else every queue this process has used (not declaring others just to look).
+    async fn queues_of(&self, id: JobId) -> Result<Vec<QueueName>, BrokerError> {
+        let recorded = schema::queries::get_job(&self.inner.db, id.0)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| QueueName::parse(&v.job.queue).ok());
+        Ok(match recorded {
+            Some(q) => vec![q],
+            None => {
+                let declared = self.inner.declared.lock().expect("declared poisoned");
+                let mut queues: Vec<QueueName> = declared.iter().cloned().collect();
+                queues.sort();
+                queues
+            }
+        })
+    }
+
+    /// A channel of its own for reading `q`'s dead queue.
+    async fn dead_reader(&self, q: &QueueName) -> Result<Channel, BrokerError> {
+        self.ensure_declared(q).await?;
+        let conn = self.inner.publisher.connection().await?;
+        timed("opening a channel", conn.create_channel()).await
+    }
+
+    /// Takes up to `max` messages of `q`'s dead queue, unacknowledged, oldest first.
+    async fn read_dead(
+        &self,
+        ch: &Channel,
+        q: &QueueName,
+        max: usize,
+    ) -> Result<Vec<DeadMessage>, BrokerError> {
+        let dead = self.names(q).dead.clone();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let got = timed(
+                "reading the dead queue",
+                ch.basic_get(
+                    dead.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: false },
+                ),
+            )
+            .await?;
+            let Some(got) = got else { break };
+            let d = got.delivery;
+            let error = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get(ERROR_HEADER) {
+                    Some(AMQPValue::LongString(v)) => {
+                        Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                });
+            out.push(DeadMessage {
+                tag: d.delivery_tag,
+                job: serde_json::from_slice(&d.data).ok(),
+                error,
+                at_ms: d.properties.timestamp().map(|t| (t as i64).saturating_mul(1_000)),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Publishes revived copies of dead messages to `q` (confirmed), then acknowledges them on
+    /// the reader; records the revival in the history database. Returns how many.
+    async fn revive_all(
+        &self,
+        ch: &Channel,
+        q: &QueueName,
+        msgs: Vec<DeadMessage>,
+    ) -> Result<u64, BrokerError> {
+        let names = self.names(q);
+        let mut tags = Vec::new();
+        let mut out = Vec::new();
+        for m in &msgs {
+            let Some(job) = &m.job else { continue };
+            let revived = job.revived(job.attempt);
+            tags.push((m.tag, job.id));
+            out.push(Outgoing {
+                queue: q.clone(),
+                routing_key: names.main.clone(),
+                body: envelope(&revived)?,
+                props: properties(Some(&revived), None),
+            });
+        }
+        let mut revived = Vec::new();
+        let mut failure = None;
+        for ((tag, id), res) in tags.into_iter().zip(self.publish_each(&out).await) {
+            match res {
+                Ok(()) => {
+                    timed(
+                        "acknowledging a dead job",
+                        ch.basic_ack(tag, BasicAckOptions::default()),
+                    )
+                    .await?;
+                    revived.push(id.0);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Err(e) = schema::queries::revive_dead_jobs(&self.inner.db, &revived, Utc::now()).await {
+            tracing::warn!(error = %e, "recording retried dead jobs in the history database failed");
+        }
+        match failure {
+            Some(e) if revived.is_empty() => Err(e),
+            _ => Ok(revived.len() as u64),
         }
     }
 }
@@ -677,8 +1166,37 @@ impl Producer for AmqpBroker {
 
     async fn push_batch(&self, mut jobs: Vec<Job>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = now_ms();
+        // Keys first, in request order, so that a key repeated within the batch returns the
+        // first job of the batch.
+        let mut answers: Vec<Enqueued> = jobs
+            .iter()
+            .map(|j| Enqueued {
+                id: j.id,
+                duplicate: false,
+            })
+            .collect();
+        let mut claimed = Vec::new();
+        for (job, answer) in jobs.iter().zip(&mut answers) {
+            let Some(key) = &job.idempotency_key else { continue };
+            match self.claim_key(job, key).await {
+                Ok(None) => claimed.push((job.queue.clone(), key.clone(), job.id)),
+                Ok(Some(first)) => {
+                    *answer = Enqueued {
+                        id: first,
+                        duplicate: true,
+                    }
+                }
+                Err(e) => {
+                    self.release_keys(&claimed).await;
+                    return Err(e);
+                }
+            }
+        }
         let mut msgs = Vec::with_capacity(jobs.len());
-        for job in &mut jobs {
+        for (job, answer) in jobs.iter_mut().zip(&answers) {
+            if answer.duplicate {
+                continue;
+            }
             // A new job has made no attempts, whatever the caller's copy says.
             job.attempt = 0;
             let names = self.names(&job.queue);
@@ -688,17 +1206,17 @@ impl Producer for AmqpBroker {
                     .for_remaining(job.run_at_ms.map_or(0, |at| at - now))
                     .to_owned(),
                 body: envelope(job)?,
-                props: properties(Some(job.id), None),
+                props: properties(Some(job), None),
             });
         }
-        self.publish_all(&msgs).await?;
-        Ok(jobs
-            .iter()
-            .map(|j| Enqueued {
-                id: j.id,
-                duplicate: false,
-            })
-            .collect())
+        if let Err(e) = self.publish_all(&msgs).await {
+            self.release_keys(&claimed).await;
+            return Err(e);
+        }
+        if !claimed.is_empty() {
+            self.maybe_clean_keys();
+        }
+        Ok(answers)
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {
@@ -715,12 +1233,16 @@ impl Producer for AmqpBroker {
             .map_err(history_error)?;
         Ok(match res {
             CancelResult::Canceled => {
-                // This process's consumers skip it at once; others at their next refresh.
+                // This process's consumers skip it at once; others as soon as the notice
+                // reaches them, or at their next refresh should it not.
                 self.inner
                     .canceled
                     .lock()
                     .expect("canceled poisoned")
                     .insert(id, now_ms());
+                if let Err(e) = self.announce_cancel(id).await {
+                    tracing::warn!(job.id = %id, error = %e, "could not announce a cancel; other workers learn of it at their next refresh");
+                }
                 CancelOutcome::Canceled
             }
             CancelResult::NotFound => CancelOutcome::NotFound,
@@ -779,18 +1301,95 @@ impl Producer for AmqpBroker {
         Ok(crate::queue::builtin_and(declared))
     }
 
-    /// From the history database, newest enqueued first.
+    /// Read from the dead queue itself (every message is taken unacknowledged and goes back
+    /// when the reading channel closes), newest first among its oldest [`DEAD_SCAN_MAX`].
     async fn dead(&self, q: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {
-        let rows = schema::queries::list_jobs(
-            &self.inner.db,
-            Some(q.as_str()),
-            Some(JobState::Dead.as_str()),
-            limit,
-            offset,
+        let ch = self.dead_reader(q).await?;
+        let msgs = self.read_dead(&ch, q, DEAD_SCAN_MAX).await;
+        close_reader(ch).await;
+        Ok(msgs?
+            .iter()
+            .rev()
+            .filter_map(|m| m.record(q))
+            .skip(offset.min(usize::MAX as u64) as usize)
+            .take(limit.min(usize::MAX as u64) as usize)
+            .collect())
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        for q in self.queues_of(id).await? {
+            let ch = self.dead_reader(&q).await?;
+            let found = self.read_dead(&ch, &q, DEAD_SCAN_MAX).await;
+            let res = match found {
+                Ok(msgs) => match msgs
+                    .into_iter()
+                    .find(|m| m.job.as_ref().is_some_and(|j| j.id == id))
+                {
+                    Some(m) => self.revive_all(&ch, &q, vec![m]).await.map(|n| n > 0),
+                    None => Ok(false),
+                },
+                Err(e) => Err(e),
+            };
+            close_reader(ch).await;
+            if res? {
+                return Ok(DeadOutcome::Done);
+            }
+        }
+        Ok(DeadOutcome::NotFound)
+    }
+
+    async fn retry_all_dead(&self, q: &QueueName) -> Result<u64, BrokerError> {
+        let mut total = 0;
+        loop {
+            let ch = self.dead_reader(q).await?;
+            let res = match self.read_dead(&ch, q, DEAD_SLICE).await {
+                Ok(msgs) if msgs.is_empty() => Ok(0),
+                Ok(msgs) => self.revive_all(&ch, q, msgs).await,
+                Err(e) => Err(e),
+            };
+            close_reader(ch).await;
+            match res? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
+    }
+
+    async fn discard_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        for q in self.queues_of(id).await? {
+            let ch = self.dead_reader(&q).await?;
+            let res = match self.read_dead(&ch, &q, DEAD_SCAN_MAX).await {
+                Ok(msgs) => match msgs.iter().find(|m| m.job.as_ref().is_some_and(|j| j.id == id)) {
+                    Some(m) => timed(
+                        "discarding a dead job",
+                        ch.basic_ack(m.tag, BasicAckOptions::default()),
+                    )
+                    .await
+                    .map(|()| true),
+                    None => Ok(false),
+                },
+                Err(e) => Err(e),
+            };
+            close_reader(ch).await;
+            if res? {
+                return Ok(DeadOutcome::Done);
+            }
+        }
+        Ok(DeadOutcome::NotFound)
+    }
+
+    async fn discard_all_dead(&self, q: &QueueName) -> Result<u64, BrokerError> {
+        self.ensure_declared(q).await?;
+        let pooled = self.take_channel().await?;
+        let n = timed(
+            "purging a dead queue",
+            pooled
+                .channel
+                .queue_purge(self.names(q).dead.as_str().into(), Default::default()),
         )
-        .await
-        .map_err(history_error)?;
-        rows.iter().map(record_from_row).collect()
+        .await?;
+        self.give_back(pooled);
+        Ok(u64::from(n))
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -832,6 +1431,7 @@ impl Producer for AmqpBroker {
             session: Mutex::new(None),
             intake: tokio::sync::Mutex::default(),
             generations: AtomicU64::new(0),
+            quarantine_after: cfg.quarantine_after.max(1),
         }))
     }
 
@@ -842,6 +1442,16 @@ impl Producer for AmqpBroker {
     /// Deletes the queues of every queue name this process has used or built in; job state in
     /// the history database is left alone (it belongs to the database, not the broker).
     async fn destroy(&self) -> Result<(), BrokerError> {
+        let pooled = self.take_channel().await?;
+        timed(
+            "deleting the cancel exchange",
+            pooled.channel.exchange_delete(
+                cancel_exchange(&self.inner.prefix).as_str().into(),
+                Default::default(),
+            ),
+        )
+        .await?;
+        self.give_back(pooled);
         for q in self.queues().await? {
             let names = self.names(&q);
             let pooled = self.take_channel().await?;
@@ -873,6 +1483,7 @@ struct AmqpDriver {
     session: Mutex<Option<Arc<Session>>>,
     intake: tokio::sync::Mutex<Intake>,
     generations: AtomicU64,
+    quarantine_after: u32,
 }
 
 /// One consumer channel and the deliveries it has not yet acknowledged or rejected. Receipts
@@ -1113,6 +1724,39 @@ impl AmqpDriver {
                     tracing::debug!(job.id = %job.id, "skipping canceled job");
                     sorted.drops.push(tag);
                 }
+                Ok(mut job) if delivery.redelivered => {
+                    // Back after its channel closed unacknowledged: the worker holding it died
+                    // (or lost its connection). The attempt counts, and so does the crash; the
+                    // count travels in the envelope of a confirmed copy, since RabbitMQ's
+                    // redelivered flag cannot tell a first crash from a third.
+                    job.attempt = job.attempt.saturating_add(1);
+                    job.crashes = job.crashes.saturating_add(1);
+                    let (routing_key, error) = if job.crashes >= self.quarantine_after {
+                        tracing::warn!(job.id = %job.id, crashes = job.crashes, "quarantining a job that keeps killing its workers");
+                        (
+                            self.names.dead.clone(),
+                            Some(crate::job::quarantine_error(job.crashes)),
+                        )
+                    } else if job.attempt >= job.max_attempts {
+                        (self.names.dead.clone(), Some(LEASE_EXPIRED.to_owned()))
+                    } else {
+                        (self.names.main.clone(), None)
+                    };
+                    match envelope(&job) {
+                        Ok(body) => sorted.diversions.push(Diversion {
+                            tag,
+                            msg: Outgoing {
+                                queue: self.queue.clone(),
+                                routing_key,
+                                body,
+                                props: properties(Some(&job), error.as_deref()),
+                            },
+                        }),
+                        Err(e) => {
+                            tracing::error!(job.id = %job.id, error = %e, "cannot re-encode a redelivered job")
+                        }
+                    }
+                }
                 Ok(mut job) => {
                     job.attempt = job.attempt.saturating_add(1);
                     job.receipt = receipt(session.generation, tag);
@@ -1123,7 +1767,7 @@ impl AmqpDriver {
                     } else if remaining < DELAY_BASE_MS {
                         intake.held.push(job);
                     } else {
-                        let props = properties(Some(job.id), None);
+                        let props = properties(Some(&job), None);
                         sorted.diversions.push(Diversion {
                             tag,
                             msg: Outgoing {
@@ -1332,7 +1976,7 @@ impl Driver for AmqpDriver {
                     queue: self.queue.clone(),
                     routing_key,
                     body: envelope(&job)?,
-                    props: properties(Some(job.id), error),
+                    props: properties(Some(&job), error),
                 });
             }
             let published = self.broker.publish_each(&msgs).await;
@@ -1360,20 +2004,53 @@ impl Driver for AmqpDriver {
         let Some(session) = self.current_session().filter(|s| s.channel.status().connected()) else {
             return Ok(());
         };
-        let tags: Vec<u64> = {
+        let mut tags = Vec::with_capacity(jobs.len());
+        let mut msgs = Vec::with_capacity(jobs.len());
+        {
             let ledger = session.ledger.lock().expect("ledger poisoned");
-            jobs.iter()
-                .filter_map(|j| session.tag(j.receipt))
-                .filter(|tag| ledger.open.get(tag) == Some(&Lease::Worker))
-                .collect()
-        };
-        // Requeued as delivered: the body still says how many attempts were made.
-        session.close_out(&[], &tags).await
+            for job in jobs {
+                let Some(tag) = session.tag(job.receipt) else {
+                    continue;
+                };
+                if ledger.open.get(&tag) != Some(&Lease::Worker) {
+                    continue;
+                }
+                // A copy with the attempt given back, rather than a requeue: a requeued
+                // message comes back flagged redelivered, which counts as a crash.
+                let mut copy = job.clone();
+                copy.attempt = copy.attempt.saturating_sub(1);
+                tags.push(tag);
+                msgs.push(Outgoing {
+                    queue: self.queue.clone(),
+                    routing_key: self.names.main.clone(),
+                    body: envelope(&copy)?,
+                    props: properties(Some(&copy), None),
+                });
+            }
+        }
+        let (mut acks, mut requeue) = (Vec::new(), Vec::new());
+        for (tag, res) in tags.into_iter().zip(self.broker.publish_each(&msgs).await) {
+            // Publishing is down: requeued as delivered instead (counted as a crash).
+            if res.is_ok() {
+                acks.push(tag)
+            } else {
+                requeue.push(tag)
+            }
+        }
+        session.close_out(&acks, &requeue).await
     }
 
     async fn renew(&self, _held: &[JobId]) -> Result<(), BrokerError> {
         // RabbitMQ holds unacknowledged messages for this consumer until its channel closes.
         Ok(())
+    }
+
+    async fn abandon(&self) {
+        let mut intake = self.intake.lock().await;
+        if let Some(session) = self.current_session() {
+            let _ = session.channel.close(200, "abandoned".into()).await;
+        }
+        self.lose_session(&mut intake);
     }
 }
 

@@ -18,7 +18,9 @@ use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
-use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+use super::{
+    BrokerError, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer, QueueStats,
+};
 use crate::{Job, JobId, JobRecord, QueueName};
 
 /// Most jobs in one coalesced batch.
@@ -135,6 +137,22 @@ impl Producer for Coalescing {
 
     async fn dead(&self, queue: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {
         self.inner.dead(queue, offset, limit).await
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        self.inner.retry_dead(id).await
+    }
+
+    async fn retry_all_dead(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        self.inner.retry_all_dead(queue).await
+    }
+
+    async fn discard_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        self.inner.discard_dead(id).await
+    }
+
+    async fn discard_all_dead(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        self.inner.discard_all_dead(queue).await
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

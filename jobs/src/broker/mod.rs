@@ -1,6 +1,6 @@
 //! The queue backends behind one interface.
 //!
-//! A broker is chosen by URL (`redis://`, `amqp://`, `sqlite://`) and offers two faces:
+//! A broker is chosen by URL (`redis://`, `redis+cluster://`, `amqp://`, `sqlite://`) and offers two faces:
 //! [`Producer`] — what the API and the CLI call (push, look up, cancel, stats) — and
 //! [`Driver`] — what one worker's [`crate::backend::QueueBackend`] calls to lease, settle and
 //! release jobs. The apalis backend on top is the same for every broker, so the runtime's
@@ -27,7 +27,7 @@ pub mod sqlite;
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    #[error("unsupported broker URL {0:?}: expected redis://, amqp:// or sqlite://")]
+    #[error("unsupported broker URL {0:?}: expected redis://, redis+cluster://, amqp:// or sqlite://")]
     UnsupportedUrl(String),
     #[error("corrupt job data in broker: {0}")]
     Corrupt(String),
@@ -57,6 +57,16 @@ pub enum CancelOutcome {
     NotCancelable(crate::job::JobState),
 }
 
+/// What a dead-set operation on one job found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeadOutcome {
+    /// Retried (back to pending) or discarded.
+    Done,
+    NotFound,
+    /// The broker holds the job, but not in the dead set.
+    NotDead(crate::job::JobState),
+}
+
 /// Counts for one queue. `done` and `failed` are totals since the queue was created (rates are
 /// derived by whoever samples them); `failed` counts failed attempts, retried or not.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -83,8 +93,17 @@ pub trait Producer: Send + Sync + 'static {
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError>;
     /// The queues this broker has seen jobs for (the built-in ones are always listed).
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError>;
-    /// Dead jobs of a queue, newest first.
+    /// Dead jobs of a queue, newest first, each with its last error.
     async fn dead(&self, queue: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError>;
+    /// Puts a dead job back in line, due now, with a fresh attempt budget (see
+    /// [`Job::revived`]); its last error stays until its next attempt ends.
+    async fn retry_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError>;
+    /// Retries every dead job of a queue; returns how many.
+    async fn retry_all_dead(&self, queue: &QueueName) -> Result<u64, BrokerError>;
+    /// Removes a dead job from the broker for good (the history database keeps its record).
+    async fn discard_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError>;
+    /// Discards every dead job of a queue; returns how many.
+    async fn discard_all_dead(&self, queue: &QueueName) -> Result<u64, BrokerError>;
     async fn ping(&self) -> Result<(), BrokerError>;
     /// A driver for one worker consuming `queue`.
     async fn driver(&self, queue: &QueueName, cfg: &ConsumerConfig) -> Result<Arc<dyn Driver>, BrokerError>;
@@ -114,11 +133,18 @@ pub struct ConsumerConfig {
     /// acknowledgement and the history write cannot leave a job the broker has forgotten
     /// without its outcome in the history. A failing database is not waited for.
     pub history: Option<schema::history::HistoryWriter>,
+    /// A job whose worker died while running it this many times goes to the dead set (error
+    /// [`crate::job::quarantine_error`]) instead of being delivered again: a poison pill must
+    /// not crash-loop the fleet. `DROVER_QUARANTINE_AFTER`, default 3.
+    pub quarantine_after: u32,
 }
 
 /// Longest a batch of settlements waits for the history (see [`ConsumerConfig::history`]);
 /// leases are renewed meanwhile.
 pub const HISTORY_WAIT: Duration = Duration::from_secs(5);
+
+/// Default of [`ConsumerConfig::quarantine_after`].
+pub const QUARANTINE_AFTER: u32 = 3;
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
@@ -129,6 +155,7 @@ impl Default for ConsumerConfig {
             block: Duration::from_secs(1),
             settled: Default::default(),
             history: None,
+            quarantine_after: QUARANTINE_AFTER,
         }
     }
 }
@@ -145,6 +172,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn release(&self, jobs: &[Job]) -> Result<(), BrokerError>;
     /// Extends the leases of jobs this worker still holds.
     async fn renew(&self, held: &[JobId]) -> Result<(), BrokerError>;
+    /// Lets go of every held job as a worker that dies does: unsettled, unreleased. For tests
+    /// and chaos drills of crash recovery; the driver is unusable afterwards. Redis and SQLite
+    /// do nothing (held jobs come back when their leases run out); RabbitMQ closes the consumer
+    /// channel, which sends its unacknowledged deliveries back as redelivered.
+    async fn abandon(&self) {}
 }
 
 /// How to reach a broker besides its URL.
@@ -155,14 +187,21 @@ pub struct BrokerOptions {
     pub prefix: String,
     /// Where brokers that cannot look jobs up themselves (AMQP) keep and read job state.
     pub db: sea_orm::DatabaseConnection,
+    /// The kind of RabbitMQ queues to declare (`DROVER_AMQP_QUEUE_TYPE`); other brokers
+    /// ignore it.
+    pub amqp_queue_type: amqp::QueueType,
 }
 
 /// Connects to the broker named by `url`.
 pub async fn connect(url: &str, opts: BrokerOptions) -> Result<Arc<dyn Producer>, BrokerError> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
     Ok(match scheme {
-        "redis" | "rediss" => Arc::new(redis::RedisBroker::connect(url, &opts.prefix).await?),
-        "amqp" | "amqps" => Arc::new(amqp::AmqpBroker::connect(url, &opts.prefix, opts.db).await?),
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            Arc::new(redis::RedisBroker::connect(url, &opts.prefix).await?)
+        }
+        "amqp" | "amqps" => {
+            Arc::new(amqp::AmqpBroker::connect(url, &opts.prefix, opts.db, opts.amqp_queue_type).await?)
+        }
         "sqlite" => Arc::new(sqlite::SqliteBroker::connect(url, &opts.prefix).await?),
         _ => return Err(BrokerError::UnsupportedUrl(url.to_owned())),
     })

@@ -1,7 +1,8 @@
 //! drover's Redis broker.
 //!
 //! Layout, for prefix `P` and queue `q` (every key of a queue shares the hash tag `{q}`, so the
-//! scripts run unchanged on Redis Cluster):
+//! scripts run unchanged on Redis Cluster, reached with `redis+cluster://h1:p1,h2:p2`; nothing
+//! drover sends spans two queues' slots, and `P:queues` is only ever used alone):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -10,6 +11,7 @@
 //! | `P:{q}:state` | HASH | id → `status\|worker\|started ms\|finished ms` (a running job's entry is its lease's fencing token) |
 //! | `P:{q}:attempts` | HASH | id → attempts that have ended (absent: none) |
 //! | `P:{q}:error` | HASH | id → the last attempt's error |
+//! | `P:{q}:crashes` | HASH | id → deliveries whose lease ran out (the worker died holding it); at `quarantine_after` the job is dead |
 //! | `P:{q}:scheduled` | ZSET | delayed jobs and retries, scored by run-at ms |
 //! | `P:{q}:leased` | ZSET | jobs handed to a worker, scored by lease deadline. **KEDA also reads its ZCARD** (running jobs keep a worker up). |
 //! | `P:{q}:dead` | ZSET | the dead set, scored by time of death |
@@ -36,9 +38,16 @@ use std::{
 };
 
 use async_trait::async_trait;
-use redis::{AsyncConnectionConfig, Client, Script, aio::ConnectionManager, aio::MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, Client, Script,
+    aio::{ConnectionManager, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
 
-use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+use super::{
+    BrokerError, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer, QueueStats,
+};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
     queue::QueueName,
@@ -53,10 +62,27 @@ const IDEMPOTENCY_WINDOW_S: u64 = 86_400;
 /// Jobs per script call when pushing a batch, so one call never blocks Redis for long (and
 /// Lua's `unpack` stays far below its limit of about 8,000 values).
 const PUSH_CHUNK: usize = 1_000;
+/// redis-rs answers "timed out" after 500 ms by default, which under load kills healthy
+/// connections; a broker call that takes 5 s is an outage anyway.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Dead jobs per script call when retrying or discarding a whole dead set.
+const DEAD_SLICE: usize = 500;
 
 impl From<redis::RedisError> for BrokerError {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        // A Redis at `maxmemory` with `noeviction` refuses writes (OOM) until memory is freed:
+        // an outage to retry, not a fault. A cluster mid-failover answers CLUSTERDOWN / TRYAGAIN.
+        let refused = matches!(
+            e.code(),
+            Some("OOM" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING")
+        );
+        if refused
+            || e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_connection_refusal()
+        {
             BrokerError::Unavailable(format!("redis: {e}"))
         } else {
             BrokerError::Other(format!("redis: {e}"))
@@ -84,6 +110,7 @@ struct Keys {
     state: String,
     attempts: String,
     error: String,
+    crashes: String,
     claim_prefix: String,
     idem_prefix: String,
 }
@@ -103,6 +130,7 @@ impl Keys {
             state: format!("{base}:state"),
             attempts: format!("{base}:attempts"),
             error: format!("{base}:error"),
+            crashes: format!("{base}:crashes"),
             claim_prefix: format!("{base}:claim:"),
             idem_prefix: format!("{base}:idem:"),
         }
@@ -150,6 +178,8 @@ struct Scripts {
     release: Script,
     renew: Script,
     cancel: Script,
+    revive: Script,
+    discard: Script,
 }
 
 impl Scripts {
@@ -161,16 +191,101 @@ impl Scripts {
             release: Script::new(RELEASE_LUA),
             renew: Script::new(RENEW_LUA),
             cancel: Script::new(CANCEL_LUA),
+            revive: Script::new(REVIVE_LUA),
+            discard: Script::new(DISCARD_LUA),
+        }
+    }
+}
+
+/// How this process reaches Redis: one server, or a Redis Cluster.
+#[derive(Clone)]
+enum Endpoint {
+    Single(Client),
+    Cluster(Arc<ClusterClient>),
+}
+
+impl Endpoint {
+    /// `redis+cluster://[user:password@]host:port,host:port[,…]` names any of a cluster's
+    /// nodes (the others are discovered); `rediss+cluster://` the same over TLS.
+    fn parse(url: &str) -> Result<Self, BrokerError> {
+        let bad = |e: &dyn std::fmt::Display| BrokerError::Other(format!("redis URL: {e}"));
+        let cluster = url
+            .strip_prefix("redis+cluster://")
+            .map(|rest| ("redis", rest))
+            .or_else(|| url.strip_prefix("rediss+cluster://").map(|rest| ("rediss", rest)));
+        let Some((scheme, rest)) = cluster else {
+            return Ok(Self::Single(Client::open(url).map_err(|e| bad(&e))?));
+        };
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{auth}{h}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err(bad(&"redis+cluster:// needs at least one host:port"));
+        }
+        let client = ClusterClient::builder(nodes)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| bad(&e))?;
+        Ok(Self::Cluster(Arc::new(client)))
+    }
+}
+
+/// A connection to either kind of [`Endpoint`]; both multiplex and are cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    Blocking(MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Blocking(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Blocking(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Blocking(c) => c.get_db(),
         }
     }
 }
 
 /// The producer side, shared by the whole process: one multiplexed connection that reconnects
-/// by itself.
+/// by itself (on a cluster, one per node, opened at first use and again after a failure).
 #[derive(Clone)]
 pub struct RedisBroker {
-    client: Client,
-    conn: ConnectionManager,
+    endpoint: Endpoint,
+    /// A single server's connection manager, made at once (it connects lazily by itself).
+    single: Option<ConnectionManager>,
+    /// The cluster connection, once one has been made.
+    cluster: Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     known_queues: Arc<Mutex<HashSet<QueueName>>>,
@@ -178,24 +293,65 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
+    /// `redis://…` for one server, `redis+cluster://h1:p1,h2:p2` for a Redis Cluster.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BrokerError> {
-        let client = Client::open(url).map_err(|e| BrokerError::Other(format!("redis URL: {e}")))?;
-        // redis-rs answers "timed out" after 500 ms by default, which under load kills healthy
-        // connections; a broker call that takes 5 s is an outage anyway.
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        // Lazy, so that drover starts (and answers 503 / not ready) while Redis is down.
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), cfg)?;
+        let endpoint = Endpoint::parse(url)?;
+        let single = match &endpoint {
+            Endpoint::Single(client) => {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(2));
+                // Lazy, so that drover starts (and answers 503 / not ready) while Redis is down.
+                Some(ConnectionManager::new_lazy_with_config(client.clone(), cfg)?)
+            }
+            Endpoint::Cluster(_) => None,
+        };
         Ok(Self {
-            client,
-            conn,
+            endpoint,
+            single,
+            cluster: Arc::default(),
             prefix: prefix.into(),
             scripts: Arc::new(Scripts::new()),
             known_queues: Arc::default(),
             keys: Arc::default(),
+        })
+    }
+
+    /// The shared connection. A cluster connection is made at first use, so that drover starts
+    /// while the cluster is down; one that failed is made again at the next call.
+    async fn conn(&self) -> Result<Conn, BrokerError> {
+        if let Some(single) = &self.single {
+            return Ok(Conn::Single(single.clone()));
+        }
+        let Endpoint::Cluster(client) = &self.endpoint else {
+            unreachable!("a single server always has its connection manager")
+        };
+        let mut guard = self.cluster.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(Conn::Cluster(c.clone()));
+        }
+        let c = client.get_async_connection().await?;
+        *guard = Some(c.clone());
+        Ok(Conn::Cluster(c))
+    }
+
+    /// A connection of its own for blocking waits, whose response timeout is `timeout`.
+    async fn blocking_conn(&self, timeout: Duration) -> Result<Conn, BrokerError> {
+        Ok(match &self.endpoint {
+            Endpoint::Single(client) => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                Conn::Blocking(client.get_multiplexed_async_connection_with_config(&cfg).await?)
+            }
+            Endpoint::Cluster(client) => {
+                let cfg = redis::cluster::ClusterConfig::new()
+                    .set_response_timeout(timeout)
+                    .set_connection_timeout(CONNECT_TIMEOUT);
+                Conn::Cluster(client.get_async_connection_with_config(cfg).await?)
+            }
         })
     }
 
@@ -214,7 +370,7 @@ impl RedisBroker {
         if self.known_queues.lock().expect("poisoned").contains(q) {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: () = redis::cmd("SADD")
             .arg(self.queues_key())
             .arg(q.as_str())
@@ -241,7 +397,7 @@ impl RedisBroker {
                 .arg(job.run_at_ms.unwrap_or(0))
                 .arg(job.idempotency_key.as_deref().unwrap_or(""));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let out: Vec<String> = inv.invoke_async(&mut conn).await?;
         out.chunks_exact(2)
             .map(|pair| {
@@ -258,14 +414,24 @@ impl RedisBroker {
     /// Finds which queue holds a job (`P:queues` lists every queue that ever had one) and
     /// reads its record there.
     async fn locate(&self, id: JobId) -> Result<Option<(QueueName, JobRecord)>, BrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let queues = self.queues().await?;
         let field = id.to_string();
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            pipe.hget(&self.keys(q).state, &field);
-        }
-        let found: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        // One command per queue, sent together: on a cluster each queue lives in its own slot,
+        // and a pipeline may not span slots.
+        let found: Vec<Option<String>> = futures::future::try_join_all(queues.iter().map(|q| {
+            let mut conn = conn.clone();
+            let key = self.keys(q).state.clone();
+            let field = field.clone();
+            async move {
+                redis::cmd("HGET")
+                    .arg(key)
+                    .arg(field)
+                    .query_async(&mut conn)
+                    .await
+            }
+        }))
+        .await?;
         let Some((q, state)) = queues
             .into_iter()
             .zip(found)
@@ -281,6 +447,116 @@ impl RedisBroker {
             .query_async(&mut conn)
             .await?;
         record(id, &q, &state, data.as_deref(), error, attempts).map(|r| Some((q, r)))
+    }
+
+    /// Puts dead jobs of `q` back in line with a fresh attempt budget; returns how many were
+    /// still dead.
+    async fn revive(&self, q: &QueueName, ids: &[String]) -> Result<u64, BrokerError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        type Column = Vec<Option<String>>;
+        let (states, data, attempts): (Column, Column, Vec<Option<u32>>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&keys.state)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&keys.data)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&keys.attempts)
+            .arg(ids)
+            .query_async(&mut conn)
+            .await?;
+        let mut inv = self.scripts.revive.prepare_invoke();
+        inv.key(&keys.dead)
+            .key(&keys.state)
+            .key(&keys.data)
+            .key(&keys.crashes)
+            .key(&keys.pending);
+        for ((id, state), (data, made)) in ids.iter().zip(states).zip(data.into_iter().zip(attempts)) {
+            let (Some(state), Some(data)) = (state, data) else {
+                continue;
+            };
+            let job: Job =
+                serde_json::from_str(&data).map_err(|e| BrokerError::Corrupt(format!("job {id}: {e}")))?;
+            let revived = serde_json::to_string(&job.revived(made.unwrap_or(0)))
+                .map_err(|e| BrokerError::Other(e.to_string()))?;
+            inv.arg(id).arg(state).arg(revived);
+        }
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    async fn discard(&self, q: &QueueName, ids: &[String]) -> Result<u64, BrokerError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys = self.keys(q);
+        let mut conn = self.conn().await?;
+        Ok(self
+            .scripts
+            .discard
+            .key(&keys.dead)
+            .key(&keys.state)
+            .key(&keys.data)
+            .key(&keys.attempts)
+            .key(&keys.error)
+            .key(&keys.crashes)
+            .arg(ids)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Applies `op` to the whole dead set of `q`, a slice at a time; returns how many it took.
+    async fn whole_dead_set<'a, F, Fut>(&'a self, q: &'a QueueName, op: F) -> Result<u64, BrokerError>
+    where
+        F: Fn(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, BrokerError>> + 'a,
+    {
+        let keys = self.keys(q);
+        let mut total = 0;
+        loop {
+            let mut conn = self.conn().await?;
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&keys.dead)
+                .arg(0)
+                .arg(DEAD_SLICE - 1)
+                .query_async(&mut conn)
+                .await?;
+            if ids.is_empty() {
+                return Ok(total);
+            }
+            let n = op(ids).await?;
+            if n == 0 {
+                // Nothing there could be taken (entries without a job): stop rather than spin.
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// A dead-set operation on one job: `op` returns how many it took (0 or 1).
+    async fn on_dead_job<'a, F, Fut>(&'a self, id: JobId, op: F) -> Result<DeadOutcome, BrokerError>
+    where
+        F: FnOnce(QueueName, Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, BrokerError>> + 'a,
+    {
+        let Some((q, rec)) = self.locate(id).await? else {
+            return Ok(DeadOutcome::NotFound);
+        };
+        if rec.status != JobState::Dead {
+            return Ok(DeadOutcome::NotDead(rec.status));
+        }
+        if op(q, vec![id.to_string()]).await? == 1 {
+            return Ok(DeadOutcome::Done);
+        }
+        // Changed in between (another API replica retried or discarded it).
+        Ok(match self.locate(id).await? {
+            Some((_, rec)) => DeadOutcome::NotDead(rec.status),
+            None => DeadOutcome::NotFound,
+        })
     }
 }
 
@@ -357,7 +633,7 @@ impl Producer for RedisBroker {
             return Ok(CancelOutcome::NotFound);
         };
         let keys = self.keys(&q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let before: String = self
             .scripts
             .cancel
@@ -378,7 +654,7 @@ impl Producer for RedisBroker {
 
     async fn stats(&self, q: &QueueName) -> Result<QueueStats, BrokerError> {
         let keys = self.keys(q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (pending, scheduled, running, dead, counters): (u64, u64, u64, u64, (Option<u64>, Option<u64>)) =
             redis::pipe()
                 .llen(&keys.pending)
@@ -403,7 +679,7 @@ impl Producer for RedisBroker {
     }
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let seen: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.queues_key())
             .query_async(&mut conn)
@@ -415,7 +691,7 @@ impl Producer for RedisBroker {
 
     async fn dead(&self, q: &QueueName, offset: u64, limit: u64) -> Result<Vec<JobRecord>, BrokerError> {
         let keys = self.keys(q);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
             .arg(&keys.dead)
             .arg(offset)
@@ -452,8 +728,28 @@ impl Producer for RedisBroker {
             .collect()
     }
 
+    async fn retry_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        self.on_dead_job(id, |q, ids| async move { self.revive(&q, &ids).await })
+            .await
+    }
+
+    async fn retry_all_dead(&self, q: &QueueName) -> Result<u64, BrokerError> {
+        self.whole_dead_set(q, |ids| async move { self.revive(q, &ids).await })
+            .await
+    }
+
+    async fn discard_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        self.on_dead_job(id, |q, ids| async move { self.discard(&q, &ids).await })
+            .await
+    }
+
+    async fn discard_all_dead(&self, q: &QueueName) -> Result<u64, BrokerError> {
+        self.whole_dead_set(q, |ids| async move { self.discard(q, &ids).await })
+            .await
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
@@ -466,6 +762,7 @@ impl Producer for RedisBroker {
             // `|` separates the fields of a state entry.
             worker: cfg.worker.replace('|', "_").into(),
             lease_ms: cfg.lease.as_millis() as u64,
+            quarantine_after: cfg.quarantine_after.max(1),
             block_timeout: cfg.block + Duration::from_secs(5),
             blocking: tokio::sync::Mutex::new(None),
             wake: tokio::sync::Notify::new(),
@@ -477,6 +774,9 @@ impl Producer for RedisBroker {
     }
 
     async fn destroy(&self) -> Result<(), BrokerError> {
+        if matches!(self.endpoint, Endpoint::Cluster(_)) {
+            return self.destroy_on_cluster().await;
+        }
         // Glob metacharacters in the prefix must match literally.
         let mut pattern = String::with_capacity(self.prefix.len() + 2);
         for c in self.prefix.chars() {
@@ -486,7 +786,7 @@ impl Producer for RedisBroker {
             pattern.push(c);
         }
         pattern.push_str(":*");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -515,16 +815,60 @@ impl Producer for RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// `SCAN` covers one node of a cluster only, so each queue's keys are deleted by name:
+    /// its fixed keys and its workers' claim lists. Idempotency keys are left to expire.
+    async fn destroy_on_cluster(&self) -> Result<(), BrokerError> {
+        let mut conn = self.conn().await?;
+        for q in self.queues().await? {
+            let k = self.keys(&q);
+            let workers: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&k.workers)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            let mut names = vec![
+                &k.pending,
+                &k.scheduled,
+                &k.leased,
+                &k.dead,
+                &k.finished,
+                &k.workers,
+                &k.stats,
+                &k.data,
+                &k.state,
+                &k.attempts,
+                &k.error,
+                &k.crashes,
+            ]
+            .into_iter()
+            .cloned()
+            .collect::<Vec<String>>();
+            names.extend(workers.iter().map(|w| format!("{}{w}", k.claim_prefix)));
+            // One slot per queue: one command.
+            let _: () = redis::cmd("UNLINK").arg(names).query_async(&mut conn).await?;
+        }
+        let _: () = redis::cmd("UNLINK")
+            .arg(self.queues_key())
+            .query_async(&mut conn)
+            .await?;
+        self.known_queues.lock().expect("poisoned").clear();
+        Ok(())
+    }
+}
+
 /// One worker's view of one queue.
 struct RedisDriver {
     broker: RedisBroker,
     keys: Arc<Keys>,
     worker: Arc<str>,
     lease_ms: u64,
+    quarantine_after: u32,
     block_timeout: Duration,
     /// The connection idle waits block on; a blocked command would stall every other command
     /// multiplexed on a shared connection.
-    blocking: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    blocking: tokio::sync::Mutex<Option<Conn>>,
     /// Cuts an idle wait short: a retry this worker schedules must not wait out the block.
     wake: tokio::sync::Notify,
 }
@@ -533,7 +877,7 @@ impl RedisDriver {
     async fn lease(&self, max: usize) -> Result<(Vec<Job>, Option<i64>), BrokerError> {
         let k = &self.keys;
         let now = now_ms();
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let out: Vec<redis::Value> = self
             .broker
             .scripts
@@ -549,25 +893,29 @@ impl RedisDriver {
             .key(&k.state)
             .key(&k.error)
             .key(&k.attempts)
+            .key(&k.crashes)
             .arg(now)
             .arg(now + self.lease_ms as i64)
             .arg(max)
             .arg(&*self.worker)
             .arg(&k.claim_prefix)
             .arg(StateEntry::running(&self.worker, now as u64))
+            .arg(self.quarantine_after)
             .invoke_async(&mut conn)
             .await?;
         let mut it = out.into_iter();
         let next: i64 = it.next().map(redis::from_redis_value).transpose()?.unwrap_or(-1);
-        let mut jobs = Vec::with_capacity(it.len() / 2);
-        while let (Some(a), Some(d)) = (it.next(), it.next()) {
+        let mut jobs = Vec::with_capacity(it.len() / 3);
+        while let (Some(a), Some(c), Some(d)) = (it.next(), it.next(), it.next()) {
             let ended: Option<u32> = redis::from_redis_value(a)?;
+            let crashes: Option<u32> = redis::from_redis_value(c)?;
             let redis::Value::BulkString(data) = d else {
                 return Err(BrokerError::Corrupt(format!("job envelope: {d:?}")));
             };
             let mut job: Job = serde_json::from_slice(&data)
                 .map_err(|e| BrokerError::Corrupt(format!("job envelope: {e}")))?;
             job.attempt = ended.unwrap_or(0) + 1;
+            job.crashes = crashes.unwrap_or(0);
             // The lease's time: with the worker, the fencing token its settlement must match.
             job.receipt = now as u64;
             jobs.push(job);
@@ -578,15 +926,7 @@ impl RedisDriver {
     async fn wait_for_work(&self, wait: Duration) -> Result<(), BrokerError> {
         let mut guard = self.blocking.lock().await;
         if guard.is_none() {
-            let cfg = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(self.block_timeout))
-                .set_connection_timeout(Some(Duration::from_secs(2)));
-            *guard = Some(
-                self.broker
-                    .client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await?,
-            );
+            *guard = Some(self.broker.blocking_conn(self.block_timeout).await?);
         }
         let conn = guard.as_mut().expect("set above");
         let claim = format!("{}{}", self.keys.claim_prefix, self.worker);
@@ -649,7 +989,8 @@ impl Driver for RedisDriver {
             .key(&k.error)
             .key(&k.finished)
             .key(&k.data)
-            .key(&k.attempts);
+            .key(&k.attempts)
+            .key(&k.crashes);
         inv.arg(now_ms() - FINISHED_TTL_MS);
         for s in batch {
             let (code, at, err) = match &s.outcome {
@@ -671,7 +1012,7 @@ impl Driver for RedisDriver {
                 .arg(err)
                 .arg(s.finished_at_ms);
         }
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let _: () = inv.invoke_async(&mut conn).await?;
         // A retry may fall due before this worker's idle wait ends; the wait may also not have
         // started yet, in which case the stored permit cuts the next one short.
@@ -689,7 +1030,7 @@ impl Driver for RedisDriver {
             inv.arg(j.id.to_string())
                 .arg(StateEntry::running(&self.worker, j.receipt));
         }
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let _: () = inv.invoke_async(&mut conn).await?;
         Ok(())
     }
@@ -704,7 +1045,7 @@ impl Driver for RedisDriver {
         for id in held {
             inv.arg(id.to_string());
         }
-        let mut conn = self.broker.conn.clone();
+        let mut conn = self.broker.conn().await?;
         let _: () = inv.invoke_async(&mut conn).await?;
         Ok(())
     }
@@ -757,11 +1098,13 @@ return out
 
 const FETCH_LUA: &str = r#"
 -- KEYS: pending, leased, scheduled, this worker's claim list, workers, dead, stats, data, state,
---       error, attempts
--- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix, the leased jobs' state entry
+--       error, attempts, crashes
+-- ARGV: now ms, lease deadline ms, max jobs, worker, claim prefix, the leased jobs' state entry,
+--       crashes after which a job is quarantined
 -- Returns: next scheduled run-at ms (-1 if none), then per leased job the attempts it has had
--- (false for none) and its envelope.
+-- (false for none), its crashes (false for none) and its envelope.
 local now, deadline, max, worker, cp, running = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local quarantine = tonumber(ARGV[7])
 redis.call('ZADD', KEYS[5], deadline, worker)
 
 -- Claims of workers that stopped heartbeating go back to the front of the line.
@@ -770,7 +1113,8 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0,
   redis.call('ZREM', KEYS[5], w)
 end
 
--- Leases that ran out: the worker died or hung. The attempt counts; out of attempts means dead.
+-- Leases that ran out: the worker died or hung. The attempt counts, and so does the crash: out
+-- of attempts means dead, and so does a job that has now taken down `quarantine` workers.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 if #expired > 0 then
   redis.call('ZREM', KEYS[2], unpack(expired))
@@ -779,11 +1123,16 @@ if #expired > 0 then
     local held = string.match(states[i] or '', '^running(|.*)$')
     if held then
       local a = redis.call('HINCRBY', KEYS[11], id, 1)
+      local c = redis.call('HINCRBY', KEYS[12], id, 1)
       local ok, job = pcall(cjson.decode, redis.call('HGET', KEYS[8], id) or '')
       local max_attempts = ok and tonumber(job['max_attempts']) or 1
-      if a >= max_attempts then
+      if a >= max_attempts or c >= quarantine then
         redis.call('HSET', KEYS[9], id, 'dead' .. string.match(held, '^(|[^|]*|[^|]*|)') .. now)
-        redis.call('HSET', KEYS[10], id, 'lease expired: the worker running it stopped responding')
+        if c >= quarantine then
+          redis.call('HSET', KEYS[10], id, 'quarantined: its worker died ' .. c .. ' times while running it')
+        else
+          redis.call('HSET', KEYS[10], id, 'lease expired: the worker running it stopped responding')
+        end
         redis.call('ZADD', KEYS[6], now, id)
         redis.call('HINCRBY', KEYS[7], 'failed', 1)
       else
@@ -824,6 +1173,9 @@ if #ids == 0 then return out end
 local states = redis.call('HMGET', KEYS[9], unpack(ids))
 local envs = redis.call('HMGET', KEYS[8], unpack(ids))
 local tries = redis.call('HMGET', KEYS[11], unpack(ids))
+-- Crashes are rare: read them only when some job of the queue has any.
+local crashed = {}
+if redis.call('HLEN', KEYS[12]) > 0 then crashed = redis.call('HMGET', KEYS[12], unpack(ids)) end
 local set, leased = {}, {}
 for i, id in ipairs(ids) do
   -- Anything but pending was canceled while its id sat in a claim list.
@@ -834,6 +1186,7 @@ for i, id in ipairs(ids) do
     leased[#leased + 1] = deadline
     leased[#leased + 1] = id
     out[#out + 1] = tries[i]
+    out[#out + 1] = crashed[i] or false
     out[#out + 1] = envs[i]
   end
 end
@@ -845,7 +1198,7 @@ return out
 "#;
 
 const SETTLE_LUA: &str = r#"
--- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data, attempts
+-- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data, attempts, crashes
 -- ARGV: finished-before ms (older finished jobs are forgotten), then per job: id, the state
 --       entry of its lease, its state entry after, attempt, s|r|d, retry-at ms, error, finished ms
 local forget = ARGV[1]
@@ -897,7 +1250,7 @@ if #retry > 0 then redis.call('ZADD', KEYS[2], unpack(retry)) end
 if #dead > 0 then redis.call('ZADD', KEYS[3], unpack(dead)) end
 -- A succeeded job is done with the broker: the history database answers for it from now on.
 if #gone > 0 then
-  for _, k in ipairs({KEYS[6], KEYS[9], KEYS[10], KEYS[7]}) do redis.call('HDEL', k, unpack(gone)) end
+  for _, k in ipairs({KEYS[6], KEYS[9], KEYS[10], KEYS[7], KEYS[11]}) do redis.call('HDEL', k, unpack(gone)) end
 end
 if done > 0 then redis.call('HINCRBY', KEYS[4], 'done', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[4], 'failed', failed) end
@@ -910,6 +1263,7 @@ if #old > 0 then
   redis.call('HDEL', KEYS[7], unpack(old))
   redis.call('HDEL', KEYS[9], unpack(old))
   redis.call('HDEL', KEYS[10], unpack(old))
+  redis.call('HDEL', KEYS[11], unpack(old))
 end
 return 0
 "#;
@@ -959,4 +1313,37 @@ end
 redis.call('HSET', KEYS[3], id, 'canceled|||' .. now)
 redis.call('ZADD', KEYS[4], now, id)
 return s
+"#;
+
+const REVIVE_LUA: &str = r#"
+-- KEYS: dead, state, data, crashes, pending
+-- ARGV: per job: id, its state entry as read (the script acts only if it is unchanged), its
+--       revived envelope
+-- Dead jobs join the line like new ones, with a fresh attempt budget; their attempt count and
+-- last error stay. Returns how many.
+local n = 0
+for i = 1, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) == ARGV[i + 1] and redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('HSET', KEYS[3], id, ARGV[i + 2])
+    redis.call('HSET', KEYS[2], id, 'pending|||')
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('LPUSH', KEYS[5], id)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+const DISCARD_LUA: &str = r#"
+-- KEYS: dead, state, data, attempts, error, crashes; ARGV: ids
+-- Forgets dead jobs (the history database keeps their record). Returns how many.
+local n = 0
+for _, id in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    for k = 2, 6 do redis.call('HDEL', KEYS[k], id) end
+    n = n + 1
+  end
+end
+return n
 "#;

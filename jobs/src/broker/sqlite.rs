@@ -49,7 +49,9 @@ use sqlx::{
 };
 use tokio::{sync::Notify, time::Instant};
 
-use super::{BrokerError, CancelOutcome, ConsumerConfig, Driver, Enqueued, Producer, QueueStats};
+use super::{
+    BrokerError, CancelOutcome, ConsumerConfig, DeadOutcome, Driver, Enqueued, Producer, QueueStats,
+};
 use crate::{
     job::{Job, JobId, JobRecord, JobState, Outcome, Settlement, now_ms},
     queue::QueueName,
@@ -79,6 +81,8 @@ const CLEANUP_LIMIT: i64 = 10_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read connections per file and process.
 const READERS: u32 = 4;
+/// Dead jobs revived per write transaction when retrying a whole dead set.
+const DEAD_SLICE: i64 = 500;
 const LEASE_EXPIRED: &str = "lease expired: the worker running it stopped responding";
 /// The statuses of a job waiting for a worker; the text must match the partial index's.
 const WAITING: &str = "status IN ('pending', 'scheduled', 'retrying')";
@@ -263,6 +267,10 @@ struct Sql {
     renew: Arc<str>,
     cancel: Arc<str>,
     status: Arc<str>,
+    revive: Arc<str>,
+    dead_envelopes: Arc<str>,
+    discard: Arc<str>,
+    discard_all: Arc<str>,
     get: Arc<str>,
     dead: Arc<str>,
     stats: Arc<str>,
@@ -294,6 +302,7 @@ CREATE TABLE IF NOT EXISTS {job} (
     envelope TEXT NOT NULL,              -- the Job as pushed, JSON; `attempt` is set on delivery
     status TEXT NOT NULL,                -- scheduled | pending | running | succeeded | retrying | dead | canceled
     attempts INTEGER NOT NULL DEFAULT 0, -- attempts started; a released one is given back
+    crashes INTEGER NOT NULL DEFAULT 0,  -- leases that ran out (the worker died holding it)
     max_attempts INTEGER NOT NULL,
     priority INTEGER NOT NULL DEFAULT 0,
     run_at_ms INTEGER NOT NULL,          -- when it is (was) due: push time, delay or retry time
@@ -342,14 +351,18 @@ CREATE INDEX IF NOT EXISTS "{p}_queue_idempotency_key_expires" ON {key} (expires
             key_owner: s(format!("SELECT job_id FROM {key} WHERE queue = ?1 AND key = ?2")),
             insert_chunk: s(insert_sql(&job, PUSH_CHUNK)),
             insert_one: s(insert_sql(&job, 1)),
-            // A lease that ran out: the worker died or hung. The attempt counts; out of attempts
-            // means dead. The worker column stays, so that worker's late result still counts
-            // while nobody else has taken the job (as on Redis).
+            // A lease that ran out: the worker died or hung. The attempt counts, and so does the
+            // crash; out of attempts, or `?4` crashes, means dead. The worker column stays, so
+            // that worker's late result still counts while nobody else has taken the job (as on
+            // Redis). (The right-hand sides read the row as it was.)
             reclaim: s(format!(
                 "UPDATE {job} SET \
-                   status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'pending' END, \
-                   last_error = CASE WHEN attempts >= max_attempts THEN ?3 ELSE last_error END, \
-                   finished_ms = CASE WHEN attempts >= max_attempts THEN ?2 ELSE finished_ms END, \
+                   crashes = crashes + 1, \
+                   status = CASE WHEN attempts >= max_attempts OR crashes + 1 >= ?4 THEN 'dead' ELSE 'pending' END, \
+                   last_error = CASE \
+                     WHEN crashes + 1 >= ?4 THEN 'quarantined: its worker died ' || (crashes + 1) || ' times while running it' \
+                     WHEN attempts >= max_attempts THEN ?3 ELSE last_error END, \
+                   finished_ms = CASE WHEN attempts >= max_attempts OR crashes + 1 >= ?4 THEN ?2 ELSE finished_ms END, \
                    lease_until_ms = NULL \
                  WHERE queue = ?1 AND status = 'running' AND lease_until_ms <= ?2 \
                  RETURNING status"
@@ -360,7 +373,7 @@ CREATE INDEX IF NOT EXISTS "{p}_queue_idempotency_key_expires" ON {key} (expires
                  WHERE rowid IN ( \
                    SELECT rowid FROM {job} WHERE queue = ?1 AND {WAITING} AND run_at_ms <= ?3 \
                    ORDER BY priority DESC, run_at_ms, id LIMIT ?5) \
-                 RETURNING envelope, attempts, priority, run_at_ms, id"
+                 RETURNING envelope, attempts, crashes, priority, run_at_ms, id"
             )),
             next_due: s(format!(
                 "SELECT MIN(run_at_ms) FROM {job} WHERE queue = ?1 AND {WAITING}"
@@ -398,6 +411,22 @@ CREATE INDEX IF NOT EXISTS "{p}_queue_idempotency_key_expires" ON {key} (expires
                 "UPDATE {job} SET status = 'canceled', finished_ms = ?2 WHERE id = ?1 AND {WAITING} RETURNING id"
             )),
             status: s(format!("SELECT status FROM {job} WHERE id = ?1")),
+            // ?1: a JSON array of [id, revived envelope, its max attempts]; ?2: now.
+            revive: s(format!(
+                "UPDATE {job} SET status = 'pending', envelope = r.envelope, max_attempts = r.max_attempts, \
+                   crashes = 0, run_at_ms = ?2, lease_until_ms = NULL \
+                 FROM (SELECT value ->> 0 AS job_id, value ->> 1 AS envelope, value ->> 2 AS max_attempts \
+                       FROM json_each(?1)) AS r \
+                 WHERE {job}.id = r.job_id AND {job}.status = 'dead' \
+                 RETURNING queue"
+            )),
+            // ?1: the queue, or NULL with ?2 a job id.
+            dead_envelopes: s(format!(
+                "SELECT id, envelope, attempts FROM {job} \
+                 WHERE status = 'dead' AND (queue = ?1 OR (?1 IS NULL AND id = ?2)) LIMIT ?3"
+            )),
+            discard: s(format!("DELETE FROM {job} WHERE id = ?1 AND status = 'dead'")),
+            discard_all: s(format!("DELETE FROM {job} WHERE queue = ?1 AND status = 'dead'")),
             get: s(format!("SELECT {RECORD_COLUMNS} FROM {job} WHERE id = ?1")),
             dead: s(format!(
                 "SELECT {RECORD_COLUMNS} FROM {job} WHERE queue = ?1 AND status = 'dead' \
@@ -476,6 +505,19 @@ impl SqliteBroker {
         sqlx::raw_sql(AssertSqlSafe(sql.create.clone()))
             .execute(&mut *tx)
             .await?;
+        // Files created before poison-pill counting lack the column.
+        let has_crashes: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('{prefix}_queue_job') WHERE name = 'crashes'"
+        )))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !has_crashes {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                r#"ALTER TABLE "{prefix}_queue_job" ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0"#
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -572,6 +614,63 @@ impl SqliteBroker {
             .rows_affected();
         tx.commit().await?;
         Ok(jobs.max(keys))
+    }
+}
+
+impl SqliteBroker {
+    /// Puts dead jobs back in line with a fresh attempt budget — up to [`DEAD_SLICE`] of
+    /// `queue`'s, or the one job `id` — in one write transaction; returns how many.
+    async fn revive(&self, queue: Option<&QueueName>, id: Option<JobId>) -> Result<u64, BrokerError> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(q_(&self.sql().dead_envelopes))
+            .bind(queue.map(QueueName::as_str))
+            .bind(id.map(|id| id.to_string()))
+            .bind(DEAD_SLICE)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut items = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let envelope: &str = row.try_get("envelope")?;
+            let job: Job = serde_json::from_str(envelope).map_err(|e| corrupt(format!("job {id}: {e}")))?;
+            let revived = job.revived(row.try_get::<i64, _>("attempts")?.max(0) as u32);
+            let text = serde_json::to_string(&revived).map_err(|e| BrokerError::Other(e.to_string()))?;
+            items.push(serde_json::json!([id, text, revived.max_attempts]));
+        }
+        let items = serde_json::to_string(&items).map_err(|e| BrokerError::Other(e.to_string()))?;
+        let queues: Vec<String> = sqlx::query_scalar(q_(&self.sql().revive))
+            .bind(items)
+            .bind(now_ms())
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        for q in queues.iter().collect::<HashSet<_>>() {
+            if let Ok(q) = QueueName::parse(q) {
+                self.inner.db.wake(&self.inner.prefix, &q);
+            }
+        }
+        Ok(queues.len() as u64)
+    }
+
+    /// What a dead-set operation on `id` that took `n` rows found.
+    async fn one_dead_outcome(&self, id: JobId, n: u64) -> Result<DeadOutcome, BrokerError> {
+        if n > 0 {
+            return Ok(DeadOutcome::Done);
+        }
+        let status: Option<String> = sqlx::query_scalar(q_(&self.sql().status))
+            .bind(id.to_string())
+            .fetch_optional(&self.inner.db.reader)
+            .await?;
+        Ok(match status {
+            None => DeadOutcome::NotFound,
+            Some(s) => DeadOutcome::NotDead(
+                s.parse()
+                    .map_err(|_| corrupt(format!("job {id}: status {s:?}")))?,
+            ),
+        })
     }
 }
 
@@ -797,6 +896,44 @@ impl Producer for SqliteBroker {
         rows.iter().map(record_from_row).collect()
     }
 
+    async fn retry_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        let revived = self.revive(None, Some(id)).await?;
+        self.one_dead_outcome(id, revived).await
+    }
+
+    async fn retry_all_dead(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        let mut total = 0;
+        loop {
+            let n = self.revive(Some(queue), None).await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    async fn discard_dead(&self, id: JobId) -> Result<DeadOutcome, BrokerError> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query(q_(&self.sql().discard))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        self.one_dead_outcome(id, n).await
+    }
+
+    async fn discard_all_dead(&self, queue: &QueueName) -> Result<u64, BrokerError> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query(q_(&self.sql().discard_all))
+            .bind(queue.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         sqlx::query("SELECT 1").execute(&self.inner.db.reader).await?;
         Ok(())
@@ -815,6 +952,7 @@ impl Producer for SqliteBroker {
             queue: queue.clone(),
             worker: cfg.worker.clone(),
             lease_ms: cfg.lease.as_millis().min(i64::MAX as u128) as i64,
+            quarantine_after: cfg.quarantine_after.max(1),
             wakeup: self.inner.db.wakeup(&self.inner.prefix, queue),
         }))
     }
@@ -848,6 +986,7 @@ struct SqliteDriver {
     queue: QueueName,
     worker: Arc<str>,
     lease_ms: i64,
+    quarantine_after: u32,
     wakeup: Arc<Notify>,
 }
 
@@ -862,6 +1001,7 @@ impl SqliteDriver {
             .bind(self.queue.as_str())
             .bind(now)
             .bind(LEASE_EXPIRED)
+            .bind(i64::from(self.quarantine_after))
             .fetch_all(&mut *tx)
             .await?;
         if !reclaimed.is_empty() {
@@ -905,6 +1045,7 @@ impl SqliteDriver {
             let mut job: Job =
                 serde_json::from_str(envelope).map_err(|e| corrupt(format!("job envelope: {e}")))?;
             job.attempt = row.try_get::<i64, _>("attempts")?.max(0) as u32;
+            job.crashes = row.try_get::<i64, _>("crashes")?.max(0) as u32;
             let order = (
                 std::cmp::Reverse(row.try_get::<i64, _>("priority")?),
                 row.try_get::<i64, _>("run_at_ms")?,

@@ -11,6 +11,8 @@ pub mod audit_log;
 pub mod backup;
 /// The latest forecast per source, name, bucket size and metric.
 pub mod forecast;
+/// One row per idempotency key a RabbitMQ push claimed, until it expires.
+pub mod idempotency_key;
 /// One row per job: its latest known state.
 pub mod job;
 /// One row per attempt at running a job.

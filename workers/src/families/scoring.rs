@@ -131,6 +131,8 @@ async fn enqueue_chunks(f: &Families, run: &tables::Run, chunks: &[tables::Chunk
                 idempotency_key: Some(format!("scoring:{}:{}", run.id, c.chunk)),
                 attempt: 0,
                 receipt: 0,
+                crashes: 0,
+                attempts_before: 0,
             }
         })
         .collect();
