@@ -60,6 +60,10 @@ async fn jobs_survive_a_worker_killed_every_two_seconds(broker: Broker) {
         ("DROVER_BROKER_PREFIX", prefix.as_str()),
         // A killed worker's jobs come back after 2 s.
         ("DROVER_LEASE_S", "2"),
+        // Quarantine counts the jobs a killed worker had fetched ahead as crashed too (the
+        // broker cannot tell them from the running ones): a job fetched ahead by 3 of the
+        // drill's victims in a row would be quarantined. This drill is about redelivery.
+        ("DROVER_QUARANTINE_AFTER", "20"),
     ];
     let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
     assert!(migrated.success(), "drover migrate failed");
@@ -214,4 +218,142 @@ async fn redis_loses_no_job_when_a_worker_is_killed_every_two_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_loses_no_job_when_a_worker_is_killed_every_two_seconds() {
     jobs_survive_a_worker_killed_every_two_seconds(Broker::Amqp).await;
+}
+
+/// A job that aborts its worker process is delivered again after its lease, aborts the next
+/// worker too, and after `DROVER_QUARANTINE_AFTER` (3) crashes goes to the dead set instead of
+/// crash-looping the fleet; the worker that comes up next stays up and runs other jobs.
+async fn a_job_that_aborts_its_worker_three_times_is_quarantined(broker: Broker) {
+    let prefix = unique("poison");
+    let (pg_name, db_url) = create_pg_database().await;
+    let broker_url = match broker {
+        Broker::Redis => REDIS_URL,
+        Broker::Amqp => AMQP_URL,
+        Broker::Sqlite => unreachable!("the drill needs a shared broker"),
+    };
+    let env = [
+        ("DROVER_BROKER_URL", broker_url),
+        ("DROVER_DATABASE_URL", db_url.as_str()),
+        ("DROVER_BROKER_PREFIX", prefix.as_str()),
+        ("DROVER_LEASE_S", "1"),
+        ("DROVER_CHAOS_DRILLS", "true"),
+    ];
+    let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
+    assert!(migrated.success(), "drover migrate failed");
+    let db = schema::connect(&db_url).await.unwrap();
+    let producer = jobs::broker::connect(
+        broker_url,
+        BrokerOptions {
+            prefix: prefix.clone(),
+            db: db.clone(),
+            amqp_queue_type: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    let queue = QueueName::parse("default").unwrap();
+    let job = |payload: &str| Job {
+        id: JobId::new(),
+        queue: queue.clone(),
+        kind: "sleep".into(),
+        payload: serde_json::value::RawValue::from_string(payload.into()).unwrap(),
+        max_attempts: 10,
+        priority: 0,
+        enqueued_at_ms: now_ms(),
+        run_at_ms: None,
+        trace_id: None,
+        idempotency_key: None,
+        attempt: 0,
+        receipt: 0,
+        crashes: 0,
+        attempts_before: 0,
+    };
+    let poison = job(r#"{"ms":0,"crash":"abort"}"#);
+    let poison_id = poison.id;
+    producer.push(poison).await.unwrap();
+
+    // A supervisor, as Kubernetes would be: a worker that exits is replaced.
+    let spawn = || {
+        drover()
+            .args(["worker", "--queues", "default", "--concurrency", "5"])
+            .envs(env)
+            .spawn()
+            .unwrap()
+    };
+    let mut worker = spawn();
+    let mut crashes = 0;
+    let start = Instant::now();
+    let dead = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            assert!(!status.success(), "the worker exited cleanly: {status}");
+            crashes += 1;
+            assert!(
+                crashes <= 3,
+                "the worker crashed a 4th time: the job was not quarantined"
+            );
+            worker = spawn();
+        }
+        let dead = producer.dead(&queue, 0, 10).await.unwrap();
+        if let Some(d) = dead.into_iter().find(|d| d.id == poison_id) {
+            break d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not quarantined after 60 s ({crashes} crashes)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "QUARANTINE broker={broker:?} crashes={crashes} error={:?}",
+        dead.last_error
+    );
+    assert_eq!(
+        crashes, 3,
+        "the job was quarantined after {crashes} crashes, not 3"
+    );
+    assert_eq!(
+        dead.last_error.as_deref(),
+        Some(jobs::job::quarantine_error(3).as_str())
+    );
+    // The fleet is healthy again: the worker that is up now runs other jobs and stays up.
+    let ok = job(r#"{"ms":0}"#);
+    let ok_id = ok.id;
+    producer.push(ok).await.unwrap();
+    let start = Instant::now();
+    let sql = format!(
+        "SELECT count(*) FROM job WHERE id = '{}' AND status = 'succeeded'",
+        ok_id.0
+    );
+    loop {
+        if count(&db, &sql).await == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the next job did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(worker.try_wait().unwrap().is_none(), "the worker crashed again");
+    crate::process::sigterm(&worker);
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+
+    drop(producer);
+    match broker {
+        Broker::Redis => delete_redis_prefix(broker_url, &prefix).await,
+        Broker::Amqp => delete_amqp_prefix(broker_url, &prefix).await,
+        Broker::Sqlite => {}
+    }
+    db.close().await.ok();
+    drop_pg_database(&pg_name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_quarantines_a_job_that_aborts_its_worker_three_times() {
+    a_job_that_aborts_its_worker_three_times_is_quarantined(Broker::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_quarantines_a_job_that_aborts_its_worker_three_times() {
+    a_job_that_aborts_its_worker_three_times_is_quarantined(Broker::Amqp).await;
 }

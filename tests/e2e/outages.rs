@@ -234,10 +234,16 @@ struct Tally {
     unexpected: Vec<String>,
 }
 
-/// Clients enqueue `sleep` jobs at about `rate` per second until `stop`.
-async fn enqueue_until(base: String, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
+/// A client enqueues `sleep` jobs about every 8 ms until `stop`.
+async fn enqueue_until(base: String, key: String, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(headers)
         .build()
         .unwrap();
     let body = json!({"kind": "sleep", "payload": {"ms": 5}});
@@ -291,6 +297,19 @@ async fn accepted_jobs_survive_a_broker_restart(mut broker: Box<dyn OwnBroker>) 
     ];
     let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
     assert!(migrated.success(), "drover migrate failed");
+    // The clients' key, made the way an operator makes one.
+    let created = drover()
+        .args(["keys", "create", "--role", "operator", "--name", "outage-clients"])
+        .envs(env)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
     let mut procs: Vec<Child> = vec![drover().arg("api").envs(env).spawn().unwrap()];
     for _ in 0..2 {
         procs.push(
@@ -314,7 +333,14 @@ async fn accepted_jobs_survive_a_broker_restart(mut broker: Box<dyn OwnBroker>) 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let clients: Vec<_> = (0..8)
-        .map(|_| tokio::spawn(enqueue_until(base.clone(), stop.clone(), tally.clone())))
+        .map(|_| {
+            tokio::spawn(enqueue_until(
+                base.clone(),
+                key.clone(),
+                stop.clone(),
+                tally.clone(),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = tally.lock().unwrap().accepted.len();

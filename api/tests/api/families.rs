@@ -89,7 +89,10 @@ async fn an_expired_leaderboard_is_rebuilt_exactly_once_under_fifty_concurrent_r
     };
     let cache = ReadCache::connect(REDIS_URL, &app.prefix, settings).unwrap();
     let state = app.state.clone().with_cache(cache);
-    let client = Arc::new(TestClient::new(api::routes(state.clone()).boxed()));
+    let client = Arc::new(
+        TestClient::new(api::routes(state.clone()).boxed())
+            .default_header("authorization", format!("Bearer {}", app.admin_key)),
+    );
 
     let put = client
         .put("/v1/scores/engagement")
