@@ -114,6 +114,7 @@ async fn jobs_survive_a_worker_killed_every_two_seconds(broker: Broker) {
             .unwrap()
     };
     let mut workers: Vec<Child> = (0..4).map(|_| spawn()).collect();
+    let mut last_spawn = Instant::now();
     let started = Instant::now();
     let mut kills = 0;
     let mut next_kill = Instant::now() + Duration::from_secs(2);
@@ -131,12 +132,16 @@ async fn jobs_survive_a_worker_killed_every_two_seconds(broker: Broker) {
             sigkill(&workers[victim]);
             let _ = workers[victim].wait().await;
             workers[victim] = spawn();
+            last_spawn = Instant::now();
             kills += 1;
             next_kill += Duration::from_secs(2);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let drain_s = started.elapsed().as_secs_f64();
+    // A replacement started a moment ago may not have installed its SIGTERM handler yet
+    // (it would die of the signal, correctly holding nothing): let it finish starting.
+    tokio::time::sleep_until((last_spawn + Duration::from_secs(3)).into()).await;
     for w in &workers {
         crate::process::sigterm(w);
     }
