@@ -396,6 +396,7 @@ pub(crate) struct ForecastView {
     slope: f64,
     intercept: f64,
     /// Null when the fitted values have no variance.
+    #[oai(skip_serializing_if_is_none)]
     r2: Option<f64>,
     horizon: i32,
     last_bucket: DateTime<Utc>,
@@ -437,10 +438,13 @@ pub(crate) struct SlaView {
     buckets: u64,
     count: u64,
     errors: u64,
-    /// Null without events.
+    /// Absent without events.
+    #[oai(skip_serializing_if_is_none)]
     availability: Option<f64>,
+    #[oai(skip_serializing_if_is_none)]
     worst_p95: Option<f64>,
     buckets_over_p95: u64,
+    #[oai(skip_serializing_if_is_none)]
     p95_compliance: Option<f64>,
     availability_met: bool,
     p95_met: bool,

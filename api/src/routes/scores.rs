@@ -345,6 +345,7 @@ pub(crate) struct ModelRequest {
     /// Seconds after which an event's contribution has halved.
     half_life_s: f64,
     /// max (default) or minmax.
+    #[oai(skip_serializing_if_is_none)]
     normalization: Option<String>,
 }
 
@@ -411,9 +412,12 @@ pub(crate) struct RunView {
     as_of: DateTime<Utc>,
     subjects: i64,
     chunks: i32,
+    #[oai(skip_serializing_if_is_none)]
     chunks_done: Option<i32>,
     started_at: DateTime<Utc>,
+    #[oai(skip_serializing_if_is_none)]
     finished_at: Option<DateTime<Utc>>,
+    #[oai(skip_serializing_if_is_none)]
     error: Option<String>,
     #[oai(rename = "chunk_list", skip_serializing_if_is_none)]
     chunk_list: Option<Vec<ChunkView>>,
@@ -428,7 +432,9 @@ pub(crate) struct ChunkView {
     job_id: Uuid,
     /// pending or done.
     status: String,
+    #[oai(skip_serializing_if_is_none)]
     worker_id: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     done_at: Option<DateTime<Utc>>,
 }
 
@@ -436,7 +442,9 @@ pub(crate) struct ChunkView {
 pub(crate) struct TopView {
     model: String,
     /// The run the scores come from (null before the first run).
+    #[oai(skip_serializing_if_is_none)]
     run_id: Option<Uuid>,
+    #[oai(skip_serializing_if_is_none)]
     as_of: Option<DateTime<Utc>>,
     /// Subjects on the board.
     subjects: u64,
