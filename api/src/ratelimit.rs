@@ -133,8 +133,8 @@ for i, key in ipairs(KEYS) do
   local burst = tonumber(ARGV[2 * i + 1])
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
-  local allow_at = tat + interval - interval * burst
-  if allow_at > now then return math.ceil(allow_at - now) end
+  local over = (tat - now) - interval * (burst - 1)
+  if over > 0 then return math.ceil(over) end
   new[i] = tat + interval
 end
 if not dry then
@@ -218,9 +218,11 @@ impl LocalBuckets {
         for b in buckets {
             let interval = b.rate.interval_us();
             let tat = self.tat.get(&b.name).copied().unwrap_or(0.0).max(now);
-            let allow_at = tat + interval - interval * f64::from(b.rate.burst.max(1));
-            if allow_at > now {
-                return Some(Duration::from_micros((allow_at - now).ceil() as u64));
+            // Measured from `now` so a fresh bucket (tat == now) compares 0 with 0 exactly:
+            // `tat + interval - interval * burst` rounds, and refused a full bucket by 1 µs.
+            let over = (tat - now) - interval * f64::from(b.rate.burst.max(1) - 1);
+            if over > 0.0 {
+                return Some(Duration::from_micros(over.ceil() as u64));
             }
             new.push(tat + interval);
         }
