@@ -259,6 +259,7 @@ pub async fn run_workers(
         Some(stack.history.clone()),
         workers::WorkerSettings {
             limits: stack.limits.clone(),
+            presence: Some(stack.db.clone()),
             ..args.settings()?
         },
         shutdown,

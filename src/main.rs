@@ -179,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = app::bind(&api)?;
             let addr = listener.local_addr()?;
             println!("drover dev is up: http://{addr}  (API docs: http://{addr}/docs)");
+            println!("dashboard: http://{addr}/dashboard");
             match first_key {
                 Some(key) => println!(
                     "admin API key (shown only this once; more with `drover keys create`):\n  export DROVER_KEY={}",

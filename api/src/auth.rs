@@ -114,12 +114,17 @@ pub const RULES: &[(&str, Access)] = &[
     ("cancelJob", Access::Role(Role::Operator)),
     ("retryJob", Access::Role(Role::Operator)),
     ("listDeadJobs", Access::Role(Role::Viewer)),
+    ("listQueueJobs", Access::Role(Role::Viewer)),
+    ("queueActivity", Access::Role(Role::Viewer)),
+    ("searchJobs", Access::Role(Role::Viewer)),
+    ("listWorkers", Access::Role(Role::Viewer)),
     ("retryDeadJobs", Access::Role(Role::Operator)),
     ("discardDeadJobs", Access::Role(Role::Operator)),
     ("listSchedules", Access::Role(Role::Viewer)),
     ("getSchedule", Access::Role(Role::Viewer)),
     ("putSchedule", Access::Role(Role::Operator)),
     ("deleteSchedule", Access::Role(Role::Operator)),
+    ("setScheduleEnabled", Access::Role(Role::Operator)),
     ("listBackups", Access::Role(Role::Viewer)),
     ("getBackup", Access::Role(Role::Viewer)),
     ("enqueueBackup", Access::Role(Role::Admin)),
@@ -143,11 +148,12 @@ pub fn rule(operation_id: &str) -> Option<Access> {
     RULES.iter().find(|(op, _)| *op == operation_id).map(|(_, a)| *a)
 }
 
-/// What an unmatched request needs: paths outside the API's operations that hold no data are
-/// open; anything else (a path the route table does not know, in case the router accepts a
+/// What an unmatched request needs: paths outside the API's operations that hold no data (the
+/// OpenAPI document, the Swagger UI, the dashboard's page and assets) are open; anything else (a path the route table does not know, in case the router accepts a
 /// spelling this matcher does not) needs an admin key, so a gap here never opens a route.
 fn unmatched_access(path: &str) -> Access {
-    if path == "/openapi.json" || path == "/docs" || path.starts_with("/docs/") {
+    let under = |root: &str| path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'));
+    if path == "/openapi.json" || under("/docs") || under("/dashboard") {
         Access::Open
     } else {
         Access::Role(Role::Admin)
@@ -264,7 +270,7 @@ pub async fn create_key(
     Ok(new)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
         .iter()

@@ -34,6 +34,8 @@ use poem_openapi::OpenApiService;
 pub mod auth;
 /// Turning enqueue requests into validated job envelopes.
 mod enqueue;
+/// The operator dashboard: embedded HTML/CSS/JS under `/dashboard`.
+mod dashboard;
 /// The one error type of every route, rendered as RFC 9457 problem+json.
 pub mod error;
 /// Metric names, the process-wide recorder and the HTTP metrics middleware.
@@ -204,7 +206,8 @@ fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
 /// Every route, with problem+json errors, panic recovery, authentication, rate limits, the
 /// audit log, security headers and HTTP metrics.
 ///
-/// Serves `/v1/…`, `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and `/docs`.
+/// Serves `/v1/…`, `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, `/docs` and
+/// `/dashboard`.
 pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'static {
     let service = openapi_service(&state);
     let original = service.spec();
@@ -217,6 +220,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'stat
     Route::new()
         .at("/openapi.json", security::spec_endpoint(spec))
         .nest("/docs", docs)
+        .nest("/dashboard", dashboard::endpoint())
         .nest("/", service)
         .data(state.config.clone())
         .with(CatchPanic::new().with_handler(error::panic_response))

@@ -19,8 +19,8 @@ use crate::{
     auth::{self, Access, MetricsAuth},
 };
 
-/// Content-Security-Policy of HTML pages. The Swagger UI (and the dashboard) ship their scripts
-/// and styles inline, from the binary: nothing is loaded from another origin.
+/// Content-Security-Policy of HTML pages. The Swagger UI ships its scripts and styles inline,
+/// from the binary: nothing is loaded from another origin. (The dashboard sets a stricter one.)
 const HTML_CSP: &str = "default-src 'none'; script-src 'self' 'unsafe-inline'; \
                         style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; \
                         font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
@@ -41,10 +41,13 @@ pub(crate) async fn headers<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Resu
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/html"));
     if html {
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(HTML_CSP),
-        );
+        // A page that brings its own, stricter policy (the dashboard) keeps it.
+        if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(HTML_CSP),
+            );
+        }
         h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
         h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
         h.insert(

@@ -33,6 +33,8 @@ pub mod schedules;
 pub mod scores;
 /// What the HTTP cache warmers' URLs answered.
 pub mod warm;
+/// Worker presence: heartbeats, expiry, the live list.
+pub mod workers;
 
 use std::time::Duration;
 

@@ -4,13 +4,16 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, Func};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait};
+use sea_orm::sea_query::{Alias, Condition, Expr, ExprTrait, Func, LikeExpr, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait, Statement,
+};
 use uuid::Uuid;
 
 use crate::DbError;
 use crate::entity::{job, job_attempt};
-use crate::history::JobState;
+use crate::history::{AttemptOutcome, JobState};
 
 /// A job with its attempts, oldest first.
 #[derive(Clone, Debug, PartialEq)]
@@ -159,4 +162,148 @@ pub async fn canceled_since(db: &impl ConnectionTrait, since: DateTime<Utc>) -> 
         .all(db)
         .await?;
     Ok(ids)
+}
+
+/// `%text%` for `LIKE … ESCAPE '\'`, lower-cased, with the pattern characters in `text` taken
+/// literally.
+fn contains_pattern(text: &str) -> LikeExpr {
+    let mut escaped = String::with_capacity(text.len() + 2);
+    escaped.push('%');
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped.push('%');
+    LikeExpr::new(escaped).escape('\\')
+}
+
+/// Jobs, newest first, that `text` finds: by id (a whole job id), or as a case-insensitive
+/// substring of the kind, the payload's JSON text, the last error or any attempt's error.
+///
+/// On Postgres the text conditions use the trigram indexes of the dashboard migration (when
+/// `pg_trgm` could be installed); elsewhere they scan the `job` table newest first and stop at
+/// `limit`.
+#[tracing::instrument(skip(db))]
+pub async fn search_jobs(
+    db: &impl ConnectionTrait,
+    text: &str,
+    queue: Option<&str>,
+    limit: u64,
+    offset: u64,
+) -> Result<Vec<job::Model>, DbError> {
+    let text = text.trim();
+    let pattern = || contains_pattern(text);
+    let lower = |col: Expr| Expr::expr(Func::lower(col));
+    let attempt_errors = Query::select()
+        .expr(Expr::val(1))
+        .from(job_attempt::Entity)
+        .and_where(Expr::col((job_attempt::Entity, job_attempt::Column::JobId)).equals((job::Entity, job::Column::Id)))
+        .and_where(lower(Expr::col((job_attempt::Entity, job_attempt::Column::Error))).like(pattern()))
+        .to_owned();
+    let mut matches = Condition::any()
+        .add(lower(Expr::col((job::Entity, job::Column::Kind))).like(pattern()))
+        .add(
+            lower(Expr::expr(Func::cast_as(
+                Expr::col((job::Entity, job::Column::Payload)),
+                Alias::new("text"),
+            )))
+            .like(pattern()),
+        )
+        .add(lower(Expr::col((job::Entity, job::Column::LastError))).like(pattern()))
+        .add(Expr::exists(attempt_errors));
+    if let Ok(id) = Uuid::parse_str(text) {
+        matches = matches.add(job::Column::Id.eq(id));
+    }
+    let jobs = job::Entity::find()
+        .filter(matches)
+        .apply_if(queue, |q, queue| q.filter(job::Column::Queue.eq(queue)))
+        .order_by_desc(job::Column::CreatedAt)
+        .order_by_desc(job::Column::Id)
+        .limit(limit)
+        .offset(offset)
+        .all(db)
+        .await?;
+    Ok(jobs)
+}
+
+/// Attempts of one queue that finished within one minute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MinuteActivity {
+    pub queue: String,
+    /// Start of the minute, in whole minutes since the Unix epoch.
+    pub minute: i64,
+    pub succeeded: u64,
+    /// Attempts that failed, timed out, panicked or were lost.
+    pub failed: u64,
+}
+
+#[derive(FromQueryResult)]
+struct ActivityRow {
+    queue: String,
+    minute: i64,
+    succeeded: bool,
+    attempts: i64,
+}
+
+/// Finished attempts per queue and minute since `since`, from the attempt history; minutes with
+/// none are absent. Ordered by queue, then minute.
+#[tracing::instrument(skip(db))]
+pub async fn activity_since(
+    db: &impl ConnectionTrait,
+    since: DateTime<Utc>,
+) -> Result<Vec<MinuteActivity>, DbError> {
+    let backend = db.get_database_backend();
+    // The minute as an integer, so both backends bucket the same way whatever their session
+    // timezone.
+    let minute = match backend {
+        DbBackend::Postgres => "CAST(floor(extract(epoch FROM a.finished_at) / 60) AS bigint)",
+        _ => "CAST(strftime('%s', a.finished_at) AS integer) / 60",
+    };
+    let placeholder = if backend == DbBackend::Postgres { "$1" } else { "?" };
+    let sql = format!(
+        "SELECT j.queue AS queue, {minute} AS minute, a.outcome = '{ok}' AS succeeded, count(*) AS attempts \
+         FROM job_attempt a JOIN job j ON j.id = a.job_id \
+         WHERE a.finished_at >= {placeholder} AND a.outcome IS NOT NULL \
+         GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        ok = AttemptOutcome::Succeeded.as_str(),
+    );
+    let rows = ActivityRow::find_by_statement(Statement::from_sql_and_values(backend, sql, [since.into()]))
+        .all(db)
+        .await?;
+    let mut out: Vec<MinuteActivity> = Vec::new();
+    for row in rows {
+        let count = u64::try_from(row.attempts).unwrap_or_default();
+        let same = out.last().is_some_and(|last| last.queue == row.queue && last.minute == row.minute);
+        if !same {
+            out.push(MinuteActivity {
+                queue: row.queue,
+                minute: row.minute,
+                succeeded: 0,
+                failed: 0,
+            });
+        }
+        let bucket = out.last_mut().expect("pushed above");
+        if row.succeeded {
+            bucket.succeeded += count;
+        } else {
+            bucket.failed += count;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains_pattern;
+    use sea_orm::sea_query::{Expr, ExprTrait, PostgresQueryBuilder, Query};
+
+    #[test]
+    fn a_search_for_pattern_characters_matches_them_literally() {
+        let sql = Query::select()
+            .expr(Expr::val("a").like(contains_pattern("50%_off\\Now")))
+            .to_string(PostgresQueryBuilder);
+        assert!(sql.contains(r"'%50\%\_off\\now%' ESCAPE E'\\'") || sql.contains(r"E'%50\\%\\_off\\\\now%'"), "{sql}");
+    }
 }

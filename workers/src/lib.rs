@@ -6,7 +6,8 @@
 //! attempt, and a graceful shutdown that lets running jobs finish within a grace period.
 //! [`handlers`] maps job kinds to their handlers; [`families`] holds the handlers themselves.
 //! [`scheduler`] fires the cron schedules stored in the database, exactly once per tick across
-//! any number of replicas.
+//! any number of replicas. [`presence`] records each worker process's heartbeat for the API's
+//! worker list.
 //!
 //! Depends on `jobs` and `schema`; never on `api`.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@
 pub mod families;
 pub mod handlers;
 pub mod history;
+pub mod presence;
 pub mod runtime;
 pub mod scheduler;
 

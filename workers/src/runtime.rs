@@ -50,6 +50,8 @@ pub struct WorkerSettings {
     pub settled: jobs::SettledCount,
     /// Rate and concurrency limits every attempt waits for before its handler starts.
     pub limits: Option<Arc<Limiter>>,
+    /// Where this process records its heartbeat ([`crate::presence`]); `None` records none.
+    pub presence: Option<sea_orm::DatabaseConnection>,
 }
 
 impl Default for WorkerSettings {
@@ -67,16 +69,13 @@ impl Default for WorkerSettings {
             name: default_name(),
             settled: Default::default(),
             limits: None,
+            presence: None,
         }
     }
 }
 
 fn default_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "local".into());
-    format!("{host}-{}", std::process::id())
+    format!("{}-{}", crate::presence::host_name(), std::process::id())
 }
 
 /// Runs workers for every configured queue until `shutdown` resolves, then stops fetching,
@@ -132,14 +131,31 @@ pub async fn run(
         });
     }
     tracing::info!(queues = ?settings.queues, concurrency = settings.concurrency, "workers started");
-    monitor
+    let presence = settings.presence.clone().map(|db| {
+        crate::presence::Presence::spawn(
+            db,
+            crate::presence::WorkerInfo {
+                // Unique per run, as the per-queue worker names are: two runs in one process
+                // (tests, `drover dev` restarts) must not share a row.
+                id: format!("{}-{}", settings.name, &jobs::JobId::new().to_string()[24..]),
+                host: crate::presence::host_name(),
+                queues: settings.queues.iter().map(ToString::to_string).collect(),
+                concurrency: settings.concurrency.max(1),
+            },
+        )
+    });
+    let stopped = monitor
         .run_with_signal(async move {
             shutdown.await;
             tracing::info!("shutdown requested: finishing running jobs");
             Ok(())
         })
         .await
-        .map_err(|e| anyhow::anyhow!("worker monitor: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("worker monitor: {e}"));
+    if let Some(presence) = presence {
+        presence.stop().await;
+    }
+    stopped?;
     tracing::info!("workers stopped");
     Ok(())
 }

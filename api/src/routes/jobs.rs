@@ -1,11 +1,11 @@
-//! Jobs: enqueue one or many, look one up (broker first, then history), cancel or discard one,
-//! retry a dead one.
+//! Jobs: enqueue one or many, look one up (broker first, then history), search the history,
+//! cancel or discard one, retry a dead one.
 
 use chrono::{DateTime, Utc};
 use jobs::{CancelOutcome, DeadOutcome, JobId, JobRecord, JobState};
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi,
-    param::{Header, Path},
+    param::{Header, Path, Query},
     payload::Json,
 };
 use schema::{
@@ -17,7 +17,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::ApiTags;
+use super::{ApiTags, queues::JobSummary};
 use crate::{
     ApiConfig, AppState,
     enqueue::{self, Context},
@@ -148,6 +148,59 @@ impl JobsApi {
         Ok(Json(details))
     }
 
+    /// Search jobs
+    ///
+    /// Jobs in the history database, newest first, that `q` finds: a whole job id, or a
+    /// case-insensitive piece of the kind, of the payload's JSON text, of the last error or of
+    /// any attempt's error. `queue` narrows the search to one queue. `limit` is 1–200
+    /// (default 50). Role: viewer.
+    #[oai(path = "/v1/jobs", method = "get", operation_id = "searchJobs")]
+    async fn search(
+        &self,
+        /// What to look for: 1–200 characters.
+        #[oai(validator(min_length = 1, max_length = 200))]
+        q: Query<String>,
+        /// Only jobs of this queue.
+        queue: Query<Option<String>>,
+        /// Results to skip, newest first.
+        #[oai(default)]
+        offset: Query<u64>,
+        #[oai(
+            default = "default_search_limit",
+            validator(minimum(value = "1"), maximum(value = "200"))
+        )]
+        limit: Query<u64>,
+    ) -> Result<Json<SearchResults>, ApiError> {
+        let text = q.0.trim();
+        if text.is_empty() {
+            return Err(ApiError::Invalid {
+                errors: vec![crate::FieldError::new(
+                    crate::error::ProblemType::InvalidField,
+                    "q",
+                    "must hold something besides spaces",
+                )],
+                batch: false,
+            });
+        }
+        let queue = queue.0.as_deref().map(jobs::QueueName::parse).transpose()?;
+        let rows = schema::queries::search_jobs(
+            &self.state.db,
+            text,
+            queue.as_ref().map(|q| q.as_str()),
+            limit.0,
+            offset.0,
+        )
+        .await?;
+        Ok(Json(SearchResults {
+            q: text.to_owned(),
+            offset: offset.0,
+            jobs: rows
+                .into_iter()
+                .map(JobSummary::try_from)
+                .collect::<Result<_, _>>()?,
+        }))
+    }
+
     /// Cancel a job, or discard a dead one
     ///
     /// A pending or scheduled job is canceled: it never runs (`status: canceled`). A dead job is
@@ -248,6 +301,17 @@ impl JobsApi {
             ))),
         }
     }
+}
+
+fn default_search_limit() -> u64 {
+    50
+}
+
+/// A job's status as the history database stores it; an unknown one is a bug (500).
+pub(crate) fn history_status(job: &job::Model) -> Result<JobState, ApiError> {
+    job.status
+        .parse()
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("job {} in history", job.id))))
 }
 
 fn parse_job_id(id: &str) -> Result<JobId, ApiError> {
@@ -386,6 +450,30 @@ impl From<JobState> for JobStatus {
     }
 }
 
+impl From<JobStatus> for JobState {
+    fn from(s: JobStatus) -> Self {
+        match s {
+            JobStatus::Scheduled => JobState::Scheduled,
+            JobStatus::Pending => JobState::Pending,
+            JobStatus::Running => JobState::Running,
+            JobStatus::Succeeded => JobState::Succeeded,
+            JobStatus::Retrying => JobState::Retrying,
+            JobStatus::Dead => JobState::Dead,
+            JobStatus::Canceled => JobState::Canceled,
+        }
+    }
+}
+
+/// Jobs a search found.
+#[derive(Object)]
+pub(crate) struct SearchResults {
+    /// The search text, trimmed.
+    q: String,
+    offset: u64,
+    /// Newest first.
+    jobs: Vec<JobSummary>,
+}
+
 /// Which store answered a job lookup.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 #[oai(rename_all = "lowercase")]
@@ -473,11 +561,11 @@ impl JobDetails {
     }
 
     fn from_history(view: JobView) -> Result<Self, ApiError> {
+        let status = history_status(&view.job)?;
         let job::Model {
             id,
             queue,
             kind,
-            status,
             attempts,
             max_attempts,
             payload,
@@ -491,9 +579,6 @@ impl JobDetails {
             finished_at,
             ..
         } = view.job;
-        let status: JobState = status
-            .parse()
-            .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("job {id} in history"))))?;
         Ok(Self {
             id,
             queue,

@@ -14,12 +14,15 @@ pub(crate) mod backups;
 pub(crate) mod events;
 /// `GET /healthz`, `GET /readyz`, `GET /metrics`.
 pub(crate) mod health;
-/// `POST /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}`.
+/// `POST /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs` (search), `GET /v1/jobs/{id}`,
+/// `DELETE /v1/jobs/{id}`, `POST /v1/jobs/{id}/retry`.
 pub(crate) mod jobs;
-/// `GET /v1/queues`, `GET /v1/queues/{queue}`.
+/// `GET /v1/queues`, `GET /v1/queues/{queue}`, `…/jobs`, `…/dead`, `GET /v1/activity`.
 pub(crate) mod queues;
-/// `GET /v1/schedules`, `GET|PUT|DELETE /v1/schedules/{name}`.
+/// `GET /v1/schedules`, `GET|PUT|DELETE /v1/schedules/{name}`, `PUT …/enabled`.
 pub(crate) mod schedules;
+/// `GET /v1/workers`.
+pub(crate) mod workers;
 /// `PUT|GET /v1/scores/{model}`, `POST …/recompute`, `GET …/runs/{id}`, `GET …/top`,
 /// `GET …/subjects/{id}`.
 pub(crate) mod scores;
@@ -33,6 +36,7 @@ pub(crate) type Api = (
     events::EventsApi,
     analytics::AnalyticsApi,
     scores::ScoresApi,
+    workers::WorkersApi,
     health::HealthApi,
 );
 
@@ -45,6 +49,7 @@ pub(crate) fn api(state: AppState) -> Api {
         events::EventsApi::new(state.clone()),
         analytics::AnalyticsApi::new(state.clone()),
         scores::ScoresApi::new(state.clone()),
+        workers::WorkersApi::new(state.clone()),
         health::HealthApi::new(state),
     )
 }
@@ -65,6 +70,8 @@ pub(crate) enum ApiTags {
     Analytics,
     /// Scoring models, leaderboards and explained scores.
     Scores,
+    /// The worker processes and their heartbeats.
+    Workers,
     /// Liveness, readiness and Prometheus metrics.
     Health,
 }

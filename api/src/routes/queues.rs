@@ -1,7 +1,8 @@
-//! Queues: depth and totals per queue, from the broker's statistics; each queue's dead set.
+//! Queues: depth and totals per queue, from the broker's statistics; each queue's dead set;
+//! a queue's jobs by state and every queue's per-minute activity, from the history database.
 
 use chrono::{DateTime, Utc};
-use jobs::{JobRecord, QueueName, QueueStats};
+use jobs::{JobRecord, JobState, QueueName, QueueStats};
 use poem_openapi::{
     Object, OpenApi,
     param::{Path, Query},
@@ -10,8 +11,11 @@ use poem_openapi::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::ApiTags;
+use super::{ApiTags, jobs::JobStatus};
 use crate::{AppState, error::ApiError};
+
+/// The longest window `GET /v1/activity` covers: one day of minutes.
+const MAX_ACTIVITY_MINUTES: u32 = 1440;
 
 pub(crate) struct QueuesApi {
     state: AppState,
@@ -79,6 +83,112 @@ impl QueuesApi {
         }))
     }
 
+    /// List a queue's jobs
+    ///
+    /// From the history database (which the workers write in batches, so a moment behind the
+    /// broker): newest first, optionally only those in one `state`, with `total` the number of
+    /// such jobs for paging. `limit` is 1–1000 (default 50). Role: viewer.
+    #[oai(
+        path = "/v1/queues/:queue/jobs",
+        method = "get",
+        operation_id = "listQueueJobs"
+    )]
+    async fn jobs(
+        &self,
+        queue: Path<String>,
+        /// Only jobs in this state.
+        state: Query<Option<JobStatus>>,
+        /// Jobs to skip, newest first.
+        #[oai(default = "default_offset")]
+        offset: Query<u64>,
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "1000"))
+        )]
+        limit: Query<u64>,
+    ) -> Result<Json<QueueJobList>, ApiError> {
+        let queue = self.known_queue(&queue).await?;
+        let status = state.0.map(|s| JobState::from(s).as_str());
+        let db = &self.state.db;
+        let (counts, rows) = futures::try_join!(
+            schema::queries::count_by_status(db, queue.as_str()),
+            schema::queries::list_jobs(db, Some(queue.as_str()), status, limit.0, offset.0),
+        )?;
+        let total = match status {
+            Some(s) => counts.get(s).copied().unwrap_or_default(),
+            None => counts.values().sum(),
+        };
+        Ok(Json(QueueJobList {
+            queue: queue.to_string(),
+            state: state.0,
+            offset: offset.0,
+            total,
+            jobs: rows
+                .into_iter()
+                .map(JobSummary::try_from)
+                .collect::<Result<_, _>>()?,
+        }))
+    }
+
+    /// Activity per queue and minute
+    ///
+    /// Attempts finished in each of the last `minutes` minutes (default 60, at most 1440), per
+    /// queue, from the attempt history: `succeeded`, and `failed` (failed, timed out, panicked
+    /// or lost). Every minute of the window is present, oldest first, zeros included; the
+    /// current minute is the last (and still counting). Role: viewer.
+    #[oai(path = "/v1/activity", method = "get", operation_id = "queueActivity")]
+    async fn activity(
+        &self,
+        #[oai(
+            default = "default_activity_minutes",
+            validator(minimum(value = "1"), maximum(value = "1440"))
+        )]
+        minutes: Query<u32>,
+    ) -> Result<Json<Activity>, ApiError> {
+        let minutes = minutes.0.clamp(1, MAX_ACTIVITY_MINUTES);
+        let now_minute = Utc::now().timestamp().div_euclid(60);
+        let first = now_minute - i64::from(minutes) + 1;
+        let since = DateTime::from_timestamp(first * 60, 0).unwrap_or_default();
+        let (queues, rows) = futures::join!(
+            self.state.broker.queues(),
+            schema::queries::activity_since(&self.state.db, since)
+        );
+        let (queues, rows) = (queues?, rows?);
+        let mut names: Vec<String> = queues.iter().map(ToString::to_string).collect();
+        names.extend(rows.iter().map(|r| r.queue.clone()));
+        names.sort();
+        names.dedup();
+        let series = names
+            .into_iter()
+            .map(|queue| {
+                let mut minutes_of_queue: Vec<MinuteCounts> = (first..=now_minute)
+                    .map(|m| MinuteCounts {
+                        minute: DateTime::from_timestamp(m * 60, 0).unwrap_or_default(),
+                        succeeded: 0,
+                        failed: 0,
+                    })
+                    .collect();
+                for r in rows.iter().filter(|r| r.queue == queue) {
+                    if let Some(slot) = usize::try_from(r.minute - first)
+                        .ok()
+                        .and_then(|i| minutes_of_queue.get_mut(i))
+                    {
+                        slot.succeeded += r.succeeded;
+                        slot.failed += r.failed;
+                    }
+                }
+                QueueActivity {
+                    queue,
+                    minutes: minutes_of_queue,
+                }
+            })
+            .collect();
+        Ok(Json(Activity {
+            since,
+            queues: series,
+        }))
+    }
+
     /// Retry a queue's whole dead set
     ///
     /// Every dead job of the queue goes back in line, due now, each with a fresh attempt
@@ -133,6 +243,86 @@ fn default_offset() -> u64 {
 
 fn default_limit() -> u64 {
     50
+}
+
+fn default_activity_minutes() -> u32 {
+    60
+}
+
+/// A page of a queue's jobs, from the history database.
+#[derive(Object)]
+pub(crate) struct QueueJobList {
+    queue: String,
+    /// The state asked for; absent for every state.
+    #[oai(skip_serializing_if_is_none)]
+    state: Option<JobStatus>,
+    offset: u64,
+    /// Jobs of the queue (in `state`, if given) in the history database.
+    total: u64,
+    /// Newest first.
+    jobs: Vec<JobSummary>,
+}
+
+/// A job as listings show it (the whole job, attempts included, is `GET /v1/jobs/{id}`).
+#[derive(Object)]
+pub(crate) struct JobSummary {
+    id: Uuid,
+    queue: String,
+    kind: String,
+    status: JobStatus,
+    /// Attempts started so far.
+    attempts: u32,
+    max_attempts: u32,
+    created_at: DateTime<Utc>,
+    #[oai(skip_serializing_if_is_none)]
+    finished_at: Option<DateTime<Utc>>,
+    #[oai(skip_serializing_if_is_none)]
+    last_error: Option<String>,
+}
+
+impl TryFrom<schema::entity::job::Model> for JobSummary {
+    type Error = ApiError;
+
+    fn try_from(j: schema::entity::job::Model) -> Result<Self, ApiError> {
+        let status = super::jobs::history_status(&j)?;
+        Ok(Self {
+            id: j.id,
+            queue: j.queue,
+            kind: j.kind,
+            status: status.into(),
+            attempts: u32::try_from(j.attempts).unwrap_or_default(),
+            max_attempts: u32::try_from(j.max_attempts).unwrap_or_default(),
+            created_at: j.created_at,
+            finished_at: j.finished_at,
+            last_error: j.last_error,
+        })
+    }
+}
+
+/// Finished attempts per queue and minute.
+#[derive(Object)]
+pub(crate) struct Activity {
+    /// Start of the first minute.
+    since: DateTime<Utc>,
+    /// Every queue the broker knows, and any other that ran attempts in the window, by name.
+    queues: Vec<QueueActivity>,
+}
+
+#[derive(Object)]
+pub(crate) struct QueueActivity {
+    queue: String,
+    /// Every minute of the window, oldest first.
+    minutes: Vec<MinuteCounts>,
+}
+
+#[derive(Object)]
+pub(crate) struct MinuteCounts {
+    /// Start of the minute.
+    minute: DateTime<Utc>,
+    /// Attempts that succeeded.
+    succeeded: u64,
+    /// Attempts that failed, timed out, panicked or were lost.
+    failed: u64,
 }
 
 /// A page of a queue's dead set.

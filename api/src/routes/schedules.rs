@@ -84,10 +84,7 @@ impl SchedulesApi {
         let now = Utc::now();
         let put = schedules::put(&self.state.db, &write, cron.next_after(now), now)
             .await
-            .map_err(|e| match e {
-                PutError::Db(e) => ApiError::from(e),
-                PutError::Contended(e) => ApiError::DatabaseUnavailable(e.into()),
-            })?;
+            .map_err(put_error)?;
         Ok(match put {
             Put::Created(row) => {
                 let location = format!("/v1/schedules/{}", row.name);
@@ -95,6 +92,61 @@ impl SchedulesApi {
             }
             Put::Updated(row) => PutResponse::Replaced(Json(ScheduleDetails::from_row(row, None))),
         })
+    }
+
+    /// Enable or disable a schedule
+    ///
+    /// Body `{"enabled": true|false}`; the rest of the schedule stays. A disabled schedule
+    /// fires nothing; enabling one starts from its next tick after now (`next_tick` in the
+    /// answer). Like any `PUT`, it makes a config-file default the operator's. Role: operator.
+    #[oai(
+        path = "/v1/schedules/:name/enabled",
+        method = "put",
+        operation_id = "setScheduleEnabled"
+    )]
+    async fn set_enabled(
+        &self,
+        name: Path<String>,
+        body: JsonBody<EnabledRequest>,
+    ) -> Result<Json<ScheduleDetails>, ApiError> {
+        let enabled = match body.value()? {
+            Value::Object(map) if map.len() == 1 && map.get("enabled").is_some_and(Value::is_boolean) => {
+                map["enabled"].as_bool().unwrap_or_default()
+            }
+            _ => {
+                return Err(ApiError::Invalid {
+                    errors: vec![FieldError::new(
+                        ProblemType::InvalidField,
+                        "enabled",
+                        "the body must be {\"enabled\": true} or {\"enabled\": false}",
+                    )],
+                    batch: false,
+                });
+            }
+        };
+        let Some(row) = schedules::get(&self.state.db, &name).await? else {
+            return Err(not_found(&name));
+        };
+        let cron = CronSchedule::parse(&row.cron, Some(&row.timezone))
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored schedule {:?}: {e}", row.name)))?;
+        let write = ScheduleWrite {
+            name: row.name,
+            cron: row.cron,
+            timezone: row.timezone,
+            kind: row.kind,
+            payload: row.payload,
+            queue: row.queue,
+            priority: row.priority,
+            enabled,
+            missed_ticks: row.missed_ticks,
+            origin: Origin::Api,
+        };
+        let now = Utc::now();
+        let put = schedules::put(&self.state.db, &write, cron.next_after(now), now)
+            .await
+            .map_err(put_error)?;
+        let (Put::Created(row) | Put::Updated(row)) = put;
+        Ok(Json(ScheduleDetails::from_row(row, None)))
     }
 
     /// Delete a schedule
@@ -112,6 +164,13 @@ impl SchedulesApi {
         } else {
             Err(not_found(&name))
         }
+    }
+}
+
+fn put_error(e: PutError) -> ApiError {
+    match e {
+        PutError::Db(e) => ApiError::from(e),
+        PutError::Contended(e) => ApiError::DatabaseUnavailable(e.into()),
     }
 }
 
@@ -295,6 +354,18 @@ pub(crate) struct ScheduleRequest {
 }
 
 impl BodySchema for ScheduleRequest {
+    fn max_bytes(config: &ApiConfig) -> usize {
+        config.max_body_bytes
+    }
+}
+
+/// Whether a schedule fires.
+#[derive(Object)]
+pub(crate) struct EnabledRequest {
+    enabled: bool,
+}
+
+impl BodySchema for EnabledRequest {
     fn max_bytes(config: &ApiConfig) -> usize {
         config.max_body_bytes
     }

@@ -33,3 +33,5 @@ pub mod score_model;
 pub mod score_run;
 /// What each URL of an HTTP cache warmer answered last.
 pub mod warm_url;
+/// One row per running worker process, refreshed by its heartbeat.
+pub mod worker;

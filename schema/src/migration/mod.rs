@@ -8,6 +8,7 @@ mod m20261123_110000_backups;
 mod m20261201_120000_families;
 mod m20261201_130000_api_keys_and_audit;
 mod m20261201_140000_idempotency_keys;
+mod m20261202_010000_dashboard;
 
 /// Every migration this build knows, oldest first.
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_120000_families::Migration),
             Box::new(m20261201_130000_api_keys_and_audit::Migration),
             Box::new(m20261201_140000_idempotency_keys::Migration),
+            Box::new(m20261202_010000_dashboard::Migration),
         ]
     }
 }
