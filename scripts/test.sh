@@ -79,5 +79,7 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+say "the dashboard in headless Chromium (scripts/dashboard-test.sh)"
+./scripts/dashboard-test.sh
 say "schemathesis against a running drover api (scripts/schemathesis.sh)"
 ./scripts/schemathesis.sh

@@ -342,7 +342,10 @@ function jobPage(id) {
           <dt>Trace id</dt><dd class="mono">${traceId(j.trace_id)}</dd>
           <dt>Answered by</dt><dd>${j.source === 'broker' ? 'the broker (current)' : 'the history database'}</dd>
         </dl>
-        ${j.last_error ? html`<h2>Last error</h2><pre class="error" id="last-error">${j.last_error}</pre>` : ''}
+        ${j.last_error
+          ? html`<h2>${j.status === 'succeeded' ? 'Error of the last failed attempt' : 'Last error'}</h2>
+              <pre class="error" id="last-error">${j.last_error}</pre>`
+          : ''}
         <h2>Payload</h2>
         <pre>${j.payload === undefined ? '—' : JSON.stringify(j.payload, null, 2)}</pre>
         <h2>Attempts</h2>

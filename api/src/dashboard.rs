@@ -31,7 +31,7 @@ pub(crate) fn endpoint() -> impl Endpoint<Output = Response> + 'static {
         .at(
             "/*path",
             make_sync(|req: Request| {
-                let path = req.uri().path().trim_start_matches("/dashboard/").to_owned();
+                let path = req.raw_path_param("path").unwrap_or_default().to_owned();
                 asset(&req, &path)
             }),
         )
@@ -44,7 +44,10 @@ fn asset(req: &Request, path: &str) -> Response {
             .header(header::ALLOW, "GET, HEAD")
             .finish();
     }
-    let path = if path.is_empty() { "index.html" } else { path };
+    let path = match path.trim_start_matches('/') {
+        "" => "index.html",
+        p => p,
+    };
     let Some(file) = Assets::get(path) else {
         return Response::builder()
             .status(StatusCode::NOT_FOUND)

@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod dashboard;
 mod dead;
 mod families;
 mod health;
