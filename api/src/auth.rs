@@ -766,5 +766,8 @@ mod tests {
         assert_eq!(op(Method::DELETE, "/v1/jobs/abc/"), None);
         assert_eq!(unmatched_access("/v1/jobs/abc/"), Access::Role(Role::Admin));
         assert_eq!(unmatched_access("/docs/"), Access::Open);
+        assert_eq!(unmatched_access("/dashboard"), Access::Open);
+        assert_eq!(unmatched_access("/dashboard/app.js"), Access::Open);
+        assert_eq!(unmatched_access("/dashboards"), Access::Role(Role::Admin));
     }
 }

@@ -172,12 +172,20 @@ impl JobsApi {
         limit: Query<u64>,
     ) -> Result<Json<SearchResults>, ApiError> {
         let text = q.0.trim();
-        if text.is_empty() {
+        // Postgres text cannot hold NUL: refused here rather than failing in the database.
+        let problem = if text.is_empty() {
+            Some("must hold something besides spaces")
+        } else if text.contains('\0') {
+            Some("must not contain NUL characters")
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
             return Err(ApiError::Invalid {
                 errors: vec![crate::FieldError::new(
                     crate::error::ProblemType::InvalidField,
                     "q",
-                    "must hold something besides spaces",
+                    reason,
                 )],
                 batch: false,
             });

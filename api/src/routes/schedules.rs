@@ -124,6 +124,10 @@ impl SchedulesApi {
                 });
             }
         };
+        // A name no schedule can have (one `PUT` would refuse) names no schedule.
+        if ScheduleName::parse(&name).is_err() {
+            return Err(not_found(&name));
+        }
         let Some(row) = schedules::get(&self.state.db, &name).await? else {
             return Err(not_found(&name));
         };

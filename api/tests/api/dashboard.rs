@@ -139,6 +139,13 @@ async fn a_queues_jobs_are_listed_newest_first_by_state_with_a_total_for_paging(
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+async fn search(app: &TestApp, q: &str) -> Vec<String> {
+    let q = q.replace('%', "%25").replace(' ', "%20");
+    let (status, _, found) = app.get(&format!("/v1/jobs?q={q}")).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    ids(&found)
+}
+
 #[tokio::test]
 async fn a_search_finds_jobs_by_id_kind_payload_text_and_any_attempts_error_ignoring_case() {
     let app = spawn_app().await;
@@ -162,24 +169,16 @@ async fn a_search_finds_jobs_by_id_kind_payload_text_and_any_attempts_error_igno
     )
     .await;
 
-    let search = |q: &str| {
-        let q = q.replace('%', "%25").replace(' ', "%20");
-        async move {
-            let (status, _, found) = app.get(&format!("/v1/jobs?q={q}")).await;
-            assert_eq!(status, StatusCode::OK, "{found}");
-            ids(&found)
-        }
-    };
     // An error of an earlier attempt: the job succeeded since.
-    assert_eq!(search("connection refused").await, [by_attempt.to_string()]);
-    assert_eq!(search("tenant-blue").await, [by_attempt.to_string()]);
-    assert_eq!(search("noop").await, [by_last.to_string()]);
-    assert_eq!(search(&by_last.to_string()).await, [by_last.to_string()]);
+    assert_eq!(search(&app, "connection refused").await, [by_attempt.to_string()]);
+    assert_eq!(search(&app, "tenant-blue").await, [by_attempt.to_string()]);
+    assert_eq!(search(&app, "noop").await, [by_last.to_string()]);
+    assert_eq!(search(&app, &by_last.to_string()).await, [by_last.to_string()]);
     // `%` and `_` are text, not patterns.
-    assert_eq!(search("100% full").await, [by_last.to_string()]);
-    assert!(search("0_ful").await.is_empty());
+    assert_eq!(search(&app, "100% full").await, [by_last.to_string()]);
+    assert!(search(&app, "0_ful").await.is_empty());
     // Newest first.
-    assert_eq!(search("s").await.len(), 2);
+    assert_eq!(search(&app, "s").await, [by_last.to_string(), by_attempt.to_string()]);
 
     let resp = app.client.get("/v1/jobs?q=%20%20").send().await;
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "invalid-field").await;
