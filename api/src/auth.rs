@@ -152,7 +152,8 @@ pub fn rule(operation_id: &str) -> Option<Access> {
 /// OpenAPI document, the Swagger UI, the dashboard's page and assets) are open; anything else (a path the route table does not know, in case the router accepts a
 /// spelling this matcher does not) needs an admin key, so a gap here never opens a route.
 fn unmatched_access(path: &str) -> Access {
-    let under = |root: &str| path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'));
+    let under =
+        |root: &str| path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'));
     if path == "/openapi.json" || under("/docs") || under("/dashboard") {
         Access::Open
     } else {

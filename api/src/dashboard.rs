@@ -71,9 +71,7 @@ fn asset(req: &Request, path: &str) -> Response {
         return resp.status(StatusCode::NOT_MODIFIED).finish();
     }
     if req.method() == Method::HEAD {
-        return resp
-            .header(header::CONTENT_LENGTH, file.data.len())
-            .finish();
+        return resp.header(header::CONTENT_LENGTH, file.data.len()).finish();
     }
     resp.body(file.data.into_owned())
 }

@@ -32,10 +32,10 @@ use poem_openapi::OpenApiService;
 
 /// API keys, roles, the route rules and the middleware that enforces them.
 pub mod auth;
-/// Turning enqueue requests into validated job envelopes.
-mod enqueue;
 /// The operator dashboard: embedded HTML/CSS/JS under `/dashboard`.
 mod dashboard;
+/// Turning enqueue requests into validated job envelopes.
+mod enqueue;
 /// The one error type of every route, rendered as RFC 9457 problem+json.
 pub mod error;
 /// Metric names, the process-wide recorder and the HTTP metrics middleware.

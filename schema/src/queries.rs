@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Alias, Condition, Expr, ExprTrait, Func, LikeExpr, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, Statement,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement,
 };
 use uuid::Uuid;
 
@@ -199,7 +199,10 @@ pub async fn search_jobs(
     let attempt_errors = Query::select()
         .expr(Expr::val(1))
         .from(job_attempt::Entity)
-        .and_where(Expr::col((job_attempt::Entity, job_attempt::Column::JobId)).equals((job::Entity, job::Column::Id)))
+        .and_where(
+            Expr::col((job_attempt::Entity, job_attempt::Column::JobId))
+                .equals((job::Entity, job::Column::Id)),
+        )
         .and_where(lower(Expr::col((job_attempt::Entity, job_attempt::Column::Error))).like(pattern()))
         .to_owned();
     let mut matches = Condition::any()
@@ -275,7 +278,9 @@ pub async fn activity_since(
     let mut out: Vec<MinuteActivity> = Vec::new();
     for row in rows {
         let count = u64::try_from(row.attempts).unwrap_or_default();
-        let same = out.last().is_some_and(|last| last.queue == row.queue && last.minute == row.minute);
+        let same = out
+            .last()
+            .is_some_and(|last| last.queue == row.queue && last.minute == row.minute);
         if !same {
             out.push(MinuteActivity {
                 queue: row.queue,
@@ -304,6 +309,9 @@ mod tests {
         let sql = Query::select()
             .expr(Expr::val("a").like(contains_pattern("50%_off\\Now")))
             .to_string(PostgresQueryBuilder);
-        assert!(sql.contains(r"'%50\%\_off\\now%' ESCAPE E'\\'") || sql.contains(r"E'%50\\%\\_off\\\\now%'"), "{sql}");
+        assert!(
+            sql.contains(r"'%50\%\_off\\now%' ESCAPE E'\\'") || sql.contains(r"E'%50\\%\\_off\\\\now%'"),
+            "{sql}"
+        );
     }
 }

@@ -77,7 +77,10 @@ async fn beat(db: &DatabaseConnection, info: &WorkerInfo, started_at: chrono::Da
     let stale = now - chrono::Duration::from_std(EXPIRE_AFTER).unwrap_or_default();
     match schema::workers::expire(db, stale).await {
         Ok(0) => {}
-        Ok(n) => tracing::info!(workers = n, "expired the presence of workers that stopped heartbeating"),
+        Ok(n) => tracing::info!(
+            workers = n,
+            "expired the presence of workers that stopped heartbeating"
+        ),
         Err(error) => tracing::warn!(%error, "expiring stale workers failed"),
     }
 }

@@ -21,11 +21,11 @@ pub(crate) mod jobs;
 pub(crate) mod queues;
 /// `GET /v1/schedules`, `GET|PUT|DELETE /v1/schedules/{name}`, `PUT …/enabled`.
 pub(crate) mod schedules;
-/// `GET /v1/workers`.
-pub(crate) mod workers;
 /// `PUT|GET /v1/scores/{model}`, `POST …/recompute`, `GET …/runs/{id}`, `GET …/top`,
 /// `GET …/subjects/{id}`.
 pub(crate) mod scores;
+/// `GET /v1/workers`.
+pub(crate) mod workers;
 
 /// The whole API, as poem-openapi composes it.
 pub(crate) type Api = (

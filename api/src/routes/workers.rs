@@ -25,7 +25,8 @@ impl WorkersApi {
     /// silent for 30 s is gone and not listed), by id. Role: viewer.
     #[oai(path = "/v1/workers", method = "get", operation_id = "listWorkers")]
     async fn list(&self) -> Result<Json<WorkerList>, ApiError> {
-        let since = Utc::now() - chrono::Duration::from_std(schema::workers::EXPIRE_AFTER).unwrap_or_default();
+        let since =
+            Utc::now() - chrono::Duration::from_std(schema::workers::EXPIRE_AFTER).unwrap_or_default();
         let rows = schema::workers::live(&self.state.db, since).await?;
         Ok(Json(WorkerList {
             workers: rows

@@ -75,7 +75,10 @@ async fn the_dashboard_page_and_its_assets_load_without_a_key_under_a_same_origi
         assert_eq!(status, StatusCode::OK, "{path}");
         assert_eq!(headers["content-type"], "text/html; charset=utf-8");
         let csp = headers["content-security-policy"].to_str().unwrap();
-        assert!(csp.contains("script-src 'self';") && csp.contains("connect-src 'self'"), "{csp}");
+        assert!(
+            csp.contains("script-src 'self';") && csp.contains("connect-src 'self'"),
+            "{csp}"
+        );
         assert!(!csp.contains("unsafe-inline"), "{csp}");
     }
     let resp = anonymous.get("/dashboard/app.js").send().await;
@@ -84,7 +87,10 @@ async fn the_dashboard_page_and_its_assets_load_without_a_key_under_a_same_origi
     resp.assert_header("cache-control", "no-cache");
     let etag = resp.0.headers()["etag"].to_str().unwrap().to_owned();
     let body = resp.0.into_body().into_string().await.unwrap();
-    assert!(body.contains("Authorization") || body.contains("./api.js"), "the real app.js");
+    assert!(
+        body.contains("Authorization") || body.contains("./api.js"),
+        "the real app.js"
+    );
 
     // A revalidation of an unchanged asset is answered without it.
     let again = anonymous
@@ -117,13 +123,23 @@ async fn a_queues_jobs_are_listed_newest_first_by_state_with_a_total_for_paging(
     let app = spawn_app().await;
     let failed = [(AttemptOutcome::Failed, Some("boom"))];
     let dead_a = record_job(&app, "sleep", json!({"ms": 1}), &failed, JobState::Dead).await;
-    let ok = record_job(&app, "sleep", json!({"ms": 2}), &[(AttemptOutcome::Succeeded, None)], JobState::Succeeded).await;
+    let ok = record_job(
+        &app,
+        "sleep",
+        json!({"ms": 2}),
+        &[(AttemptOutcome::Succeeded, None)],
+        JobState::Succeeded,
+    )
+    .await;
     let dead_b = record_job(&app, "sleep", json!({"ms": 3}), &failed, JobState::Dead).await;
 
     let (status, _, dead) = app.get("/v1/queues/default/jobs?state=dead").await;
     assert_eq!(status, StatusCode::OK, "{dead}");
     assert_eq!(ids(&dead), [dead_b.to_string(), dead_a.to_string()]);
-    assert_eq!((dead["total"].as_u64(), dead["state"].as_str()), (Some(2), Some("dead")));
+    assert_eq!(
+        (dead["total"].as_u64(), dead["state"].as_str()),
+        (Some(2), Some("dead"))
+    );
     assert_eq!(dead["jobs"][0]["last_error"], "boom");
 
     let (_, _, all) = app.get("/v1/queues/default/jobs").await;
@@ -134,7 +150,11 @@ async fn a_queues_jobs_are_listed_newest_first_by_state_with_a_total_for_paging(
 
     let resp = app.client.get("/v1/queues/nowhere/jobs").send().await;
     assert_problem(resp, StatusCode::NOT_FOUND, "not-found").await;
-    let resp = app.client.get("/v1/queues/default/jobs?state=sleepy").send().await;
+    let resp = app
+        .client
+        .get("/v1/queues/default/jobs?state=sleepy")
+        .send()
+        .await;
     let (status, _, _) = read(resp).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
@@ -178,7 +198,10 @@ async fn a_search_finds_jobs_by_id_kind_payload_text_and_any_attempts_error_igno
     assert_eq!(search(&app, "100% full").await, [by_last.to_string()]);
     assert!(search(&app, "0_ful").await.is_empty());
     // Newest first.
-    assert_eq!(search(&app, "s").await, [by_last.to_string(), by_attempt.to_string()]);
+    assert_eq!(
+        search(&app, "s").await,
+        [by_last.to_string(), by_attempt.to_string()]
+    );
 
     let resp = app.client.get("/v1/jobs?q=%20%20").send().await;
     assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "invalid-field").await;
@@ -193,14 +216,21 @@ async fn activity_counts_each_queues_finished_attempts_per_minute_for_the_whole_
         &app,
         "sleep",
         json!({"ms": 1}),
-        &[(AttemptOutcome::Failed, Some("x")), (AttemptOutcome::TimedOut, Some("y")), (AttemptOutcome::Succeeded, None)],
+        &[
+            (AttemptOutcome::Failed, Some("x")),
+            (AttemptOutcome::TimedOut, Some("y")),
+            (AttemptOutcome::Succeeded, None),
+        ],
         JobState::Succeeded,
     )
     .await;
     let (status, _, activity) = app.get("/v1/activity?minutes=5").await;
     assert_eq!(status, StatusCode::OK, "{activity}");
     let queues = activity["queues"].as_array().unwrap();
-    assert!(queues.iter().any(|q| q["queue"] == "noop"), "every known queue: {activity}");
+    assert!(
+        queues.iter().any(|q| q["queue"] == "noop"),
+        "every known queue: {activity}"
+    );
     let default = queues.iter().find(|q| q["queue"] == "default").unwrap();
     let minutes = default["minutes"].as_array().unwrap();
     assert_eq!(minutes.len(), 5, "{default}");
@@ -225,8 +255,12 @@ async fn workers_are_listed_while_their_heartbeat_is_recent_and_stale_ones_expir
         started_at: now - Duration::minutes(5),
         heartbeat_at: beat,
     };
-    schema::workers::heartbeat(&app.db, row("alive", now)).await.unwrap();
-    schema::workers::heartbeat(&app.db, row("silent", now - Duration::minutes(2))).await.unwrap();
+    schema::workers::heartbeat(&app.db, row("alive", now))
+        .await
+        .unwrap();
+    schema::workers::heartbeat(&app.db, row("silent", now - Duration::minutes(2)))
+        .await
+        .unwrap();
 
     let (status, _, list) = app.get("/v1/workers").await;
     assert_eq!(status, StatusCode::OK, "{list}");
@@ -236,7 +270,9 @@ async fn workers_are_listed_while_their_heartbeat_is_recent_and_stale_ones_expir
     assert_eq!(workers[0]["queues"], json!(["default", "noop"]));
     assert_eq!(workers[0]["concurrency"], 8);
 
-    let expired = schema::workers::expire(&app.db, now - Duration::seconds(30)).await.unwrap();
+    let expired = schema::workers::expire(&app.db, now - Duration::seconds(30))
+        .await
+        .unwrap();
     assert_eq!(expired, 1);
 }
 
@@ -263,16 +299,29 @@ async fn a_schedule_is_disabled_and_enabled_again_from_its_next_tick() {
     let (status, _, off) = set(json!(false)).await;
     assert_eq!(status, StatusCode::OK, "{off}");
     assert_eq!(off["enabled"], false);
-    assert!(off.get("next_tick").is_none(), "a disabled schedule has no next tick: {off}");
+    assert!(
+        off.get("next_tick").is_none(),
+        "a disabled schedule has no next tick: {off}"
+    );
     assert_eq!(off["job"]["kind"], "noop", "the rest stays");
 
     let (_, _, on) = set(json!(true)).await;
     assert_eq!(on["enabled"], true, "{on}");
     let next: chrono::DateTime<Utc> = on["next_tick"].as_str().unwrap().parse().unwrap();
-    assert!(next > Utc::now() - Duration::seconds(1) && next <= Utc::now() + Duration::minutes(5), "{on}");
+    assert!(
+        next > Utc::now() - Duration::seconds(1) && next <= Utc::now() + Duration::minutes(5),
+        "{on}"
+    );
 
     let (status, _, problem) = set(json!("yes")).await;
-    assert_eq!((status, problem["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("https://drover.dev/problems/invalid-field")), "{problem}");
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("https://drover.dev/problems/invalid-field")
+        ),
+        "{problem}"
+    );
     let resp = app
         .client
         .put("/v1/schedules/nowhere/enabled")
