@@ -71,15 +71,25 @@ pub async fn list_jobs(
 ) -> Result<Vec<job::Model>, DbError> {
     let jobs = job::Entity::find()
         .apply_if(queue, |q, queue| q.filter(job::Column::Queue.eq(queue)))
-        .apply_if(status, |q, status| q.filter(job::Column::Status.eq(status)))
+        .apply_if(status, |q, status| q.filter(job::Column::Status.eq(status)));
+    page_newest_first(db, jobs, limit, offset).await
+}
+
+/// One page of `jobs`, newest first.
+async fn page_newest_first(
+    db: &impl ConnectionTrait,
+    jobs: sea_orm::Select<job::Entity>,
+    limit: u64,
+    offset: u64,
+) -> Result<Vec<job::Model>, DbError> {
+    Ok(jobs
         .order_by_desc(job::Column::CreatedAt)
         // UUIDv7 ids break ties in creation order.
         .order_by_desc(job::Column::Id)
         .limit(limit)
         .offset(offset)
         .all(db)
-        .await?;
-    Ok(jobs)
+        .await?)
 }
 
 /// What [`cancel_job`] did.
@@ -221,14 +231,8 @@ pub async fn search_jobs(
     }
     let jobs = job::Entity::find()
         .filter(matches)
-        .apply_if(queue, |q, queue| q.filter(job::Column::Queue.eq(queue)))
-        .order_by_desc(job::Column::CreatedAt)
-        .order_by_desc(job::Column::Id)
-        .limit(limit)
-        .offset(offset)
-        .all(db)
-        .await?;
-    Ok(jobs)
+        .apply_if(queue, |q, queue| q.filter(job::Column::Queue.eq(queue)));
+    page_newest_first(db, jobs, limit, offset).await
 }
 
 /// Attempts of one queue that finished within one minute.

@@ -72,6 +72,17 @@ async function api(method, path, body, key = operatorKey) {
   return text ? JSON.parse(text) : null;
 }
 
+// `drover keys create` prints the key alone on stdout.
+function createKey(role, name) {
+  const out = execFileSync(DROVER, ['keys', 'create', '--role', role, '--name', name], {
+    cwd: dir,
+    env,
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  return out.trim().split('\n').pop().trim();
+}
+
 const shot = (name) => page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
 
 before(async () => {
@@ -96,16 +107,7 @@ before(async () => {
   drover = started.child;
   base = started.url;
   // The operator logs in with an operator key, as they would in production.
-  operatorKey = execFileSync(DROVER, ['keys', 'create', '--role', 'operator', '--name', 'dashboard-test'], {
-    cwd: dir,
-    env,
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'pipe'],
-  })
-    .trim()
-    .split('\n')
-    .pop()
-    .trim();
+  operatorKey = createKey('operator', 'dashboard-test');
   assert.match(operatorKey, /^drv_[0-9a-f]{12}_[0-9a-f]{64}$/);
 
   browser = await chromium.launch({
@@ -215,16 +217,7 @@ test('an operator logs in, sees failing jobs reach the dead set, finds one by it
 });
 
 test('a key the API refuses sends the operator back to the login form with the reason', async () => {
-  const viewer = execFileSync(DROVER, ['keys', 'create', '--role', 'viewer', '--name', 'dashboard-viewer'], {
-    cwd: dir,
-    env,
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'pipe'],
-  })
-    .trim()
-    .split('\n')
-    .pop()
-    .trim();
+  const viewer = createKey('viewer', 'dashboard-viewer');
   const dead = await api('GET', '/v1/queues/default/dead');
   assert.ok(dead.jobs.length > 0, 'the first test left dead jobs');
   await page.evaluate((key) => sessionStorage.setItem('drover.key', key), viewer);
