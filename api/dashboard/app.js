@@ -464,7 +464,8 @@ function bulk(label, one) {
 function searchPage(q) {
   return {
     title: 'Search',
-    live: q !== '',
+    // Not polled: a reload would replace the form while the operator types in it.
+    live: false,
     load: async () => (q ? get(url('/v1/jobs', { q, limit: 50 })) : null),
     render(results) {
       return html`<h1>Search jobs</h1>

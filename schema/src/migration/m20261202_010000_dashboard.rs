@@ -22,6 +22,7 @@ BEGIN
     RAISE NOTICE 'pg_trgm is not available (%): job search will scan instead of using an index', SQLERRM;
   END;
   IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm') THEN
+    CREATE INDEX IF NOT EXISTS job_kind_trgm_idx ON job USING gin (lower(kind) gin_trgm_ops);
     CREATE INDEX IF NOT EXISTS job_last_error_trgm_idx ON job USING gin (lower(last_error) gin_trgm_ops);
     CREATE INDEX IF NOT EXISTS job_payload_trgm_idx ON job USING gin (lower(CAST(payload AS text)) gin_trgm_ops);
     CREATE INDEX IF NOT EXISTS job_attempt_error_trgm_idx ON job_attempt USING gin (lower(error) gin_trgm_ops);
@@ -115,7 +116,7 @@ impl MigrationTrait for Migration {
             manager
                 .get_connection()
                 .execute_unprepared(
-                    "DROP INDEX IF EXISTS job_last_error_trgm_idx; DROP INDEX IF EXISTS job_payload_trgm_idx; \
+                    "DROP INDEX IF EXISTS job_kind_trgm_idx; DROP INDEX IF EXISTS job_last_error_trgm_idx; DROP INDEX IF EXISTS job_payload_trgm_idx; \
                      DROP INDEX IF EXISTS job_attempt_error_trgm_idx;",
                 )
                 .await?;
