@@ -18,3 +18,5 @@ mod process;
 /// The cron scheduler: replicas firing each tick once, stranded ticks, missed ticks.
 mod scheduler;
 mod support;
+/// Worker presence: every replica's heartbeat, listed by the API.
+mod workers;
