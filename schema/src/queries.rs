@@ -211,7 +211,13 @@ pub async fn search_jobs(
     // scan (a bitmap OR within `job`).
     let mut in_job = Condition::any()
         .add(lower(Expr::col(job::Column::Kind)).like(pattern()))
-        .add(lower(Expr::expr(Func::cast_as(Expr::col(job::Column::Payload), Alias::new("text")))).like(pattern()))
+        .add(
+            lower(Expr::expr(Func::cast_as(
+                Expr::col(job::Column::Payload),
+                Alias::new("text"),
+            )))
+            .like(pattern()),
+        )
         .add(lower(Expr::col(job::Column::LastError)).like(pattern()));
     if let Ok(id) = Uuid::parse_str(text) {
         in_job = in_job.add(Expr::col(job::Column::Id).eq(id));

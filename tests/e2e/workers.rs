@@ -19,7 +19,10 @@ async fn workers_when(app: &TestApp, within: Duration, done: impl Fn(&[Value]) -
         if done(&workers) {
             return workers;
         }
-        assert!(start.elapsed() < within, "the worker list never became as expected: {body}");
+        assert!(
+            start.elapsed() < within,
+            "the worker list never became as expected: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -28,7 +31,12 @@ async fn workers_when(app: &TestApp, within: Duration, done: impl Fn(&[Value]) -
 async fn every_worker_replica_is_listed_with_its_queues_and_one_that_stops_leaves_the_list() {
     let app = spawn_app(Broker::Redis, Options::default()).await;
     let first = workers_when(&app, Duration::from_secs(20), |w| w.len() == 1).await;
-    let mut queues: Vec<&str> = first[0]["queues"].as_array().unwrap().iter().map(|q| q.as_str().unwrap()).collect();
+    let mut queues: Vec<&str> = first[0]["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_str().unwrap())
+        .collect();
     queues.sort_unstable();
     assert_eq!(queues, ["default", "noop"], "{first:?}");
     assert_eq!(first[0]["concurrency"], 50);
@@ -44,7 +52,10 @@ async fn every_worker_replica_is_listed_with_its_queues_and_one_that_stops_leave
         limits_url: None,
     });
     let both = workers_when(&app, Duration::from_secs(20), |w| w.len() == 2).await;
-    let second = both.iter().find(|w| w["id"] != first[0]["id"]).expect("a second worker");
+    let second = both
+        .iter()
+        .find(|w| w["id"] != first[0]["id"])
+        .expect("a second worker");
     assert_eq!(second["queues"], serde_json::json!(["backups"]), "{both:?}");
     assert_eq!(second["concurrency"], 3);
     assert!(second["host"].as_str().is_some_and(|h| !h.is_empty()), "{second}");
