@@ -215,7 +215,9 @@ view().addEventListener('submit', (ev) => {
 
 // ---- shared pieces -------------------------------------------------------------------------
 
-const jobLink = (id) => html`<a href="#/jobs/${id}" class="mono">${id.slice(0, 8)}…${id.slice(-4)}</a>`;
+// Short on screen; the whole id for screen readers and on hover.
+const jobLink = (id) =>
+  html`<a href="#/jobs/${id}" class="mono" title="${id}" aria-label="Job ${id}">${id.slice(0, 8)}…${id.slice(-4)}</a>`;
 const status = (s) => html`<span class="status status-${s}">${s}</span>`;
 const short = (s, n = 120) => (s && s.length > n ? `${s.slice(0, n)}…` : s || '');
 

@@ -1,6 +1,6 @@
 //! drover's HTTP API: the v1 routes (enqueue, look up and cancel jobs; queue depths; cron
 //! schedules), health and readiness probes, Prometheus metrics, the OpenAPI document and its
-//! Swagger UI.
+//! Swagger UI, and the operator dashboard (embedded HTML/JS at `/dashboard`).
 //!
 //! Handlers are thin: they parse the request, call `jobs` (the broker behind
 //! [`jobs::Producer`], the [`jobs::Catalog`]) or `schema` (history reads), and map the result.
