@@ -121,6 +121,7 @@ pub async fn run(
             worker: worker.clone(),
             metrics: Arc::new(QueueMetrics::new(queue, registry.kinds())),
             limits: settings.limits.clone().filter(|l| !l.is_empty()),
+            quarantine_after: settings.quarantine_after.max(1),
         };
         let queue = queue.clone();
         let concurrency = settings.concurrency.max(1);
@@ -154,6 +155,8 @@ pub struct AttemptService {
     worker: Arc<str>,
     metrics: Arc<QueueMetrics>,
     limits: Option<Arc<Limiter>>,
+    /// Crashes (worker deaths and panics) after which a job is quarantined.
+    quarantine_after: u32,
 }
 
 /// One queue's metric handles, registered once: looking a metric up by its labels on every
@@ -327,6 +330,16 @@ impl AttemptService {
             Ok(()) => return Outcome::Succeeded,
             Err(e) => e,
         };
+        // A panic is a crash the worker survived: the broker counts it with the deaths
+        // (`Job::crashes`), and the one that reaches `quarantine_after` quarantines the job
+        // rather than spending its remaining attempts on a bug.
+        if how == AttemptOutcome::Panicked {
+            let crashes = job.crashes.saturating_add(1);
+            if crashes >= self.quarantine_after {
+                let error = jobs::job::panic_quarantine_error(crashes, &err.to_string());
+                return Outcome::Dead { error, how };
+            }
+        }
         match err {
             JobError::Permanent(error) => Outcome::Dead { error, how },
             JobError::Retryable(error) => {
