@@ -414,7 +414,7 @@ async fn worker_probes_stay_alive_but_not_ready_while_draining_and_serve_job_met
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released for the process to take).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

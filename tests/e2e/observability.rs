@@ -1,0 +1,374 @@
+//! What operators watch: `/metrics` of the API and of a worker, parsed as Prometheus parses it,
+//! and the JSON log lines of a request and its job, joined by one trace id.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prometheus_parse::{Scrape, Value};
+use serde_json::{Value as Json, json};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Child,
+};
+
+use crate::{
+    process::{drover, free_port},
+    support::{
+        REDIS_URL, authorized_client, create_pg_database, delete_redis_prefix, drop_pg_database, unique,
+    },
+};
+
+/// `drover api` and `drover worker` (with its probe listener) on Redis and their own Postgres
+/// database, their log lines (stdout) collected.
+struct Deployment {
+    api: String,
+    worker: String,
+    http: reqwest::Client,
+    logs: Arc<Mutex<Vec<String>>>,
+    processes: Vec<Child>,
+    prefix: String,
+    pg_name: String,
+}
+
+impl Deployment {
+    async fn start(extra_env: &[(&str, &str)]) -> Self {
+        let prefix = unique("t");
+        let (pg_name, db_url) = create_pg_database().await;
+        let env = [
+            ("DROVER_BROKER_URL", REDIS_URL),
+            ("DROVER_DATABASE_URL", db_url.as_str()),
+            ("DROVER_BROKER_PREFIX", prefix.as_str()),
+        ];
+        assert!(
+            drover()
+                .arg("migrate")
+                .envs(env)
+                .status()
+                .await
+                .unwrap()
+                .success()
+        );
+        let created = drover()
+            .args(["keys", "create", "--role", "operator", "--name", "observer"])
+            .envs(env)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+        let (api_port, worker_port) = (free_port(), free_port());
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut processes = Vec::new();
+        for args in [
+            vec![
+                "api".to_owned(),
+                "--listen".into(),
+                format!("127.0.0.1:{api_port}"),
+            ],
+            vec![
+                "worker".to_owned(),
+                "--queues".into(),
+                "noop,default".into(),
+                "--health-listen".into(),
+                format!("127.0.0.1:{worker_port}"),
+            ],
+        ] {
+            let mut child = drover()
+                .args(&args)
+                .envs(env)
+                .envs(extra_env.iter().copied())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    logs.lock().unwrap().push(line);
+                }
+            });
+            processes.push(child);
+        }
+        let deployment = Deployment {
+            api: format!("http://127.0.0.1:{api_port}"),
+            worker: format!("http://127.0.0.1:{worker_port}"),
+            http: authorized_client(&key),
+            logs,
+            processes,
+            prefix,
+            pg_name,
+        };
+        for base in [&deployment.api, &deployment.worker] {
+            let start = Instant::now();
+            while !deployment
+                .http
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "{base} never got ready"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        deployment
+    }
+
+    async fn scrape(&self, base: &str) -> Scrape {
+        let text = self
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
+    }
+
+    async fn enqueue(&self, body: Json, traceparent: Option<&str>) -> String {
+        let mut req = self.http.post(format!("{}/v1/jobs", self.api)).json(&body);
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        resp.json::<Json>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn wait_job(&self, id: &str, status: &str) {
+        let start = Instant::now();
+        loop {
+            let job: Json = self
+                .http
+                .get(format!("{}/v1/jobs/{id}", self.api))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if job["status"] == status {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "job {id} never {status}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for p in &mut self.processes {
+            let _ = p.kill().await;
+        }
+        delete_redis_prefix(REDIS_URL, &self.prefix).await;
+        drop_pg_database(&self.pg_name).await;
+    }
+}
+
+/// The value of the sample `metric{labels}` (0 when absent: a counter not yet incremented),
+/// or for a histogram, its number of observations.
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+    match sample.map(|s| &s.value) {
+        None => 0.0,
+        Some(Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) => *v,
+        Some(Value::Histogram(buckets)) => {
+            buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .expect("a +Inf bucket")
+                .count
+        }
+        Some(other) => panic!("{metric} is a {other:?}"),
+    }
+}
+
+/// Twenty jobs that succeed and two that fail for good (two attempts each) move the API's
+/// enqueued counters and the worker's completed counters and duration histogram by exactly
+/// that much; the worker also reports its slots, its heartbeat and its broker round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_by_exactly_the_jobs_run() {
+    let d = Deployment::start(&[
+        ("DROVER_RETRY_MAX_ATTEMPTS", "2"),
+        ("DROVER_RETRY_INITIAL_MS", "10"),
+        ("DROVER_RETRY_JITTER", "0"),
+    ])
+    .await;
+    let (api_before, worker_before) = (d.scrape(&d.api).await, d.scrape(&d.worker).await);
+
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push((
+            d.enqueue(json!({"kind": "noop", "payload": {}}), None).await,
+            "succeeded",
+        ));
+    }
+    for _ in 0..2 {
+        let failing = json!({"kind": "sleep", "payload": {"ms": 1, "fail_first": 5}});
+        ids.push((d.enqueue(failing, None).await, "dead"));
+    }
+    for (id, status) in &ids {
+        d.wait_job(id, status).await;
+    }
+    let (api_after, worker_after) = (d.scrape(&d.api).await, d.scrape(&d.worker).await);
+
+    let moved = |before: &Scrape, after: &Scrape, metric: &str, labels: &[(&str, &str)]| {
+        value(after, metric, labels) - value(before, metric, labels)
+    };
+    let noop = [("queue", "noop"), ("kind", "noop")];
+    let sleep = [("queue", "default"), ("kind", "sleep")];
+    let enqueued = "drover_jobs_enqueued_total";
+    assert_eq!(moved(&api_before, &api_after, enqueued, &noop), 20.0);
+    assert_eq!(moved(&api_before, &api_after, enqueued, &sleep), 2.0);
+
+    let completed = "drover_jobs_completed_total";
+    let outcome = |labels: &[(&'static str, &'static str)], outcome: &'static str| {
+        let mut l = labels.to_vec();
+        l.push(("outcome", outcome));
+        moved(&worker_before, &worker_after, completed, &l)
+    };
+    assert_eq!(outcome(&noop, "succeeded"), 20.0);
+    assert_eq!(outcome(&noop, "retried") + outcome(&noop, "dead"), 0.0);
+    assert_eq!(
+        (
+            outcome(&sleep, "succeeded"),
+            outcome(&sleep, "retried"),
+            outcome(&sleep, "dead")
+        ),
+        (0.0, 2.0, 2.0)
+    );
+    let duration = "drover_job_duration_seconds";
+    assert_eq!(moved(&worker_before, &worker_after, duration, &noop), 20.0);
+    assert_eq!(moved(&worker_before, &worker_after, duration, &sleep), 4.0);
+
+    // The worker's own health: its slots, none busy now, a heartbeat within the last minute,
+    // and the broker calls that ran the jobs.
+    let noop_queue = [("queue", "noop")];
+    assert!(value(&worker_after, "drover_worker_slots", &noop_queue) >= 1.0);
+    assert_eq!(value(&worker_after, "drover_worker_busy_slots", &noop_queue), 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let beat = value(
+        &worker_after,
+        "drover_worker_heartbeat_timestamp_seconds",
+        &noop_queue,
+    );
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&beat),
+        "heartbeat {beat}, now {now}"
+    );
+    let rtt = "drover_broker_request_duration_seconds";
+    assert!(moved(&worker_before, &worker_after, rtt, &[("operation", "fetch")]) >= 1.0);
+    assert!(moved(&worker_before, &worker_after, rtt, &[("operation", "settle")]) >= 1.0);
+    assert!(moved(&api_before, &api_after, rtt, &[("operation", "enqueue")]) >= 1.0);
+    // Both processes write job history; what they recorded is written by now or soon, and
+    // the lag is exported either way.
+    for scrape in [&api_after, &worker_after] {
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "drover_history_lag_events" && s.labels.get("writer") == Some("history")),
+            "no history lag gauge"
+        );
+    }
+    d.stop().await;
+}
+
+/// The fields of the spans a JSON log line was logged in (`drover` logs with
+/// `with_span_list`), innermost last.
+fn spans(line: &Json) -> Vec<&serde_json::Map<String, Json>> {
+    line["spans"]
+        .as_array()
+        .map(|spans| spans.iter().filter_map(Json::as_object).collect())
+        .unwrap_or_default()
+}
+
+/// With `DROVER_LOG_FORMAT=json`, the API's line for a request sent with a `traceparent` and
+/// the worker's lines for the job it enqueued carry the request's trace id, and the job's
+/// lines name the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_trace_id_is_in_its_log_line_and_its_jobs_log_lines() {
+    let d = Deployment::start(&[
+        ("DROVER_LOG_FORMAT", "json"),
+        ("DROVER_LOG", "warn,api::trace=debug,workers::runtime=debug"),
+    ])
+    .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let id = d
+        .enqueue(json!({"kind": "noop", "payload": {}}), Some(&traceparent))
+        .await;
+    d.wait_job(&id, "succeeded").await;
+
+    let (mut request_line, mut job_lines) = (None, Vec::new());
+    let start = Instant::now();
+    while request_line.is_none() || job_lines.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no request or job line:\n{}",
+            d.logs.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let logs = d.logs.lock().unwrap();
+        let lines: Vec<Json> = logs
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        request_line = lines
+            .iter()
+            .find(|l| {
+                l["fields"]["message"] == "request answered"
+                    && spans(l)
+                        .iter()
+                        .any(|s| s["name"] == "request" && s["method"] == "POST" && s["path"] == "/v1/jobs")
+            })
+            .cloned();
+        job_lines = lines
+            .iter()
+            .filter(|l| {
+                spans(l)
+                    .iter()
+                    .any(|s| s["name"] == "job" && s["job.id"] == id.as_str())
+            })
+            .cloned()
+            .collect();
+    }
+    let request_line = request_line.unwrap();
+    let request_span = spans(&request_line)
+        .into_iter()
+        .find(|s| s["name"] == "request")
+        .unwrap();
+    assert_eq!(request_span["trace_id"], trace_id, "{request_line}");
+    for line in &job_lines {
+        let job_span = spans(line).into_iter().find(|s| s["name"] == "job").unwrap();
+        assert_eq!(job_span["trace_id"], trace_id, "{line}");
+        assert_eq!(
+            (&job_span["job.kind"], &job_span["queue"], &job_span["attempt"]),
+            (&json!("noop"), &json!("noop"), &json!(1)),
+            "{line}"
+        );
+    }
+    d.stop().await;
+}
