@@ -372,3 +372,122 @@ async fn a_requests_trace_id_is_in_its_log_line_and_its_jobs_log_lines() {
     }
     d.stop().await;
 }
+
+/// The `drover_…` metric names an expression uses, as exported: a histogram's `_bucket`,
+/// `_count` and `_sum` series name the histogram. Panics on a name drover does not export.
+fn metrics_named(expr: &str, whose: &str) -> Vec<&'static str> {
+    use api::metrics::{EXPORTED, MetricKind};
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("drover_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let exported = EXPORTED.iter().find(|(n, kind, _)| {
+            *n == name
+                || (*kind == MetricKind::Histogram
+                    && ["_bucket", "_count", "_sum"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(n)))
+        });
+        match exported {
+            Some((n, ..)) => names.push(*n),
+            None => panic!("{whose} uses {name}, which drover does not export: {expr}"),
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The Grafana dashboard (deploy/grafana/drover.json) is valid JSON, and every query of every
+/// panel names only metrics drover exports; together the panels show queue depth, throughput,
+/// failures, job duration, HTTP, worker heartbeats and slots, broker round trips and history lag.
+#[test]
+fn the_grafana_dashboard_charts_only_metrics_drover_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/drover.json");
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("valid JSON");
+    let mut charted = std::collections::BTreeSet::new();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a PromQL expr");
+            charted.extend(metrics_named(expr, &format!("panel {:?}", panel["title"])));
+            queries += 1;
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().expect("variables") {
+        if let Some(query) = variable["definition"].as_str() {
+            charted.extend(metrics_named(query, "a template variable"));
+        }
+    }
+    assert!(queries >= 10, "{queries} queries");
+    for wanted in [
+        "drover_queue_depth",
+        "drover_jobs_enqueued_total",
+        "drover_jobs_completed_total",
+        "drover_job_duration_seconds",
+        "drover_http_requests_total",
+        "drover_http_request_duration_seconds",
+        "drover_worker_heartbeat_timestamp_seconds",
+        "drover_worker_busy_slots",
+        "drover_worker_slots",
+        "drover_broker_request_duration_seconds",
+        "drover_history_lag_seconds",
+    ] {
+        assert!(charted.contains(wanted), "no panel shows {wanted}");
+    }
+}
+
+/// The alert rules (deploy/prometheus/drover-rules.yaml; promtool checks and unit-tests them in
+/// scripts/check-deploy.sh) name only metrics drover exports, and cover a growing queue, a
+/// growing dead set, a missing worker heartbeat and a slow p95 job time.
+#[test]
+fn the_alert_rules_watch_only_metrics_drover_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/drover-rules.yaml");
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).expect("valid YAML");
+    let mut alerts = Vec::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let alert = rule["alert"].as_str().expect("alert rules only");
+            let expr = rule["expr"].as_str().expect("an expr");
+            assert!(
+                !metrics_named(expr, alert).is_empty(),
+                "{alert} names no drover metric"
+            );
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "{alert} has no summary"
+            );
+            alerts.push(alert.to_owned());
+        }
+    }
+    for wanted in [
+        "DroverQueueGrowing",
+        "DroverDeadSetGrowing",
+        "DroverWorkerHeartbeatStale",
+        "DroverJobDurationP95High",
+    ] {
+        assert!(alerts.iter().any(|a| a == wanted), "no {wanted} in {alerts:?}");
+    }
+}
+
+/// docs/observability.md documents every metric drover exports, with its labels.
+#[test]
+fn every_exported_metric_is_documented_with_its_labels() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/observability.md")).unwrap();
+    for (name, _, labels) in api::metrics::EXPORTED {
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{name}`")))
+            .unwrap_or_else(|| panic!("docs/observability.md has no row for {name}"));
+        for label in *labels {
+            assert!(
+                row.contains(&format!("`{label}`")),
+                "the row of {name} does not name {label}: {row}"
+            );
+        }
+    }
+}
