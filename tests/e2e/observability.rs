@@ -491,3 +491,112 @@ fn every_exported_metric_is_documented_with_its_labels() {
         }
     }
 }
+
+/// Built with `--features otlp` and given `DROVER_OTLP_ENDPOINT`, `drover dev` exports the
+/// request's span and its job's span to the collector, both in the caller's trace and both
+/// children of the caller's span (the OTLP protobuf body holds trace and span ids as raw
+/// bytes, so finding them needs no decoder).
+#[cfg(feature = "otlp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_otlp_a_request_and_its_job_are_exported_as_children_of_the_callers_span() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/v1/traces", collector.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let received = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = collector.accept().await {
+            let received = received.clone();
+            tokio::spawn(async move {
+                // Whole requests, one per connection or kept alive: everything read is kept.
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    received.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/dev.db", dir.path().display());
+    let port = free_port();
+    let mut dev = drover()
+        .arg("dev")
+        .env("DROVER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DROVER_BROKER_URL", &db)
+        .env("DROVER_DATABASE_URL", &db)
+        .env("DROVER_LOG", "info")
+        .env("DROVER_OTLP_ENDPOINT", &endpoint)
+        .env("DROVER_BACKUP_STORE", dir.path().join("backups"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (base, key) = crate::process::dev_banner(&mut dev).await;
+    let http = authorized_client(&key);
+    let resp = http
+        .post(format!("{base}/v1/jobs"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .json(&json!({"kind": "noop", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let id = resp.json::<Json>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let start = Instant::now();
+    loop {
+        let job: Json = http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "succeeded" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SIGTERM flushes the batch of spans on the way out.
+    crate::process::sigterm(&dev);
+    let status = tokio::time::timeout(Duration::from_secs(30), dev.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    let count = |needle: &[u8]| {
+        let bodies = bodies.lock().unwrap();
+        bodies.windows(needle.len()).filter(|w| *w == needle).count()
+    };
+    let trace_id = 0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes();
+    let callers_span = 0x00f067aa0ba902b7u64.to_be_bytes();
+    assert!(
+        count(b"request") >= 1 && count(b"job") >= 1,
+        "no request or job span exported"
+    );
+    // The request's span and the job's span: both in the trace, both children of the caller.
+    assert!(
+        count(&trace_id) >= 2,
+        "trace id exported {} times",
+        count(&trace_id)
+    );
+    assert!(
+        count(&callers_span) >= 2,
+        "caller's span id exported {} times",
+        count(&callers_span)
+    );
+}

@@ -192,10 +192,11 @@ impl<T: BatchSink> BatchWriter<T> {
             what: T::WHAT,
             label: T::LABEL,
         });
-        WRITERS
-            .lock()
-            .expect("writer list poisoned")
-            .push(Arc::downgrade(&shared));
+        {
+            let mut writers = WRITERS.lock().expect("writer list poisoned");
+            writers.retain(|w| w.strong_count() > 0);
+            writers.push(Arc::downgrade(&shared));
+        }
         let flusher = Flusher {
             db,
             rx,
