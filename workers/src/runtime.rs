@@ -19,15 +19,16 @@ use apalis::layers::WorkerBuilderExt;
 use apalis_core::{error::BoxDynError, monitor::Monitor, task::Task, worker::builder::WorkerBuilder};
 use futures::{FutureExt, future::BoxFuture};
 use jobs::{
-    Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName, job::AttemptOutcome,
-    job::now_ms, limits::Limiter,
+    Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName,
+    job::AttemptOutcome,
+    job::now_ms,
+    limits::Limiter,
+    metrics::{
+        JOB_DURATION_SECONDS, JOB_WAIT_SECONDS, JOBS_COMPLETED_TOTAL, WORKER_BUSY_SLOTS, WORKER_SLOTS,
+    },
 };
 use schema::history::HistoryWriter;
 use tracing::Instrument;
-
-use jobs::metrics::{
-    JOB_DURATION_SECONDS, JOB_WAIT_SECONDS, JOBS_COMPLETED_TOTAL, WORKER_BUSY_SLOTS, WORKER_SLOTS,
-};
 
 use crate::{
     handlers::{Deps, JobError, Registry},
