@@ -77,7 +77,10 @@ say "cargo fmt --check"
 cargo fmt --all --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The optional OTLP exporter (off in the default build): linted and tested here.
+cargo clippy -p drover --all-targets --locked --features otlp -- -D warnings
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run -p drover --features otlp --test e2e --locked with_otlp
 say "schemathesis against a running drover api (scripts/schemathesis.sh)"
 ./scripts/schemathesis.sh

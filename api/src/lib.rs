@@ -202,7 +202,7 @@ fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
 }
 
 /// Every route, with problem+json errors, panic recovery, authentication, rate limits, the
-/// audit log, security headers and HTTP metrics.
+/// audit log, security headers, HTTP metrics and a tracing span per request.
 ///
 /// Serves `/v1/…`, `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and `/docs`.
 pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'static {
@@ -226,6 +226,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'stat
         .with_if(cors.is_some(), cors.unwrap_or_default())
         .around(security::headers)
         .with(metrics::HttpMetrics::new(labels))
+        .with(trace::RequestTracing)
 }
 
 /// Serves [`routes`] on an already-bound listener until `shutdown` completes, then lets

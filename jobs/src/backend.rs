@@ -132,8 +132,10 @@ impl std::fmt::Debug for QueueBackend {
 }
 
 impl QueueBackend {
-    /// Starts fetching at once; must be called inside a tokio runtime.
+    /// Starts fetching at once; must be called inside a tokio runtime. The driver's calls are
+    /// timed and beat the worker's heartbeat ([`crate::metrics`]).
     pub fn new(queue: QueueName, driver: Arc<dyn Driver>, cfg: ConsumerConfig) -> Self {
+        let driver = crate::metrics::TimedDriver::wrap(driver, &queue);
         let (tx, jobs) = mpsc::channel(cfg.prefetch.max(1));
         let (stop, stop_rx) = watch::channel(false);
         let held: Held = Arc::default();
