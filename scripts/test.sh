@@ -77,8 +77,11 @@ say "cargo fmt --check"
 cargo fmt --all --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The optional OTLP exporter (off in the default build): linted and tested here.
+cargo clippy -p drover --all-targets --locked --features otlp -- -D warnings
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run -p drover --features otlp --test e2e --locked with_otlp
 say "the dashboard in headless Chromium (scripts/dashboard-test.sh)"
 ./scripts/dashboard-test.sh
 say "schemathesis against a running drover api (scripts/schemathesis.sh)"

@@ -93,8 +93,7 @@ fn not_ready(checks: serde_json::Value) -> Response {
 
 #[handler]
 fn metrics(state: Data<&HealthState>) -> String {
-    state.metrics.run_upkeep();
-    state.metrics.render()
+    api::metrics::render(&state.metrics)
 }
 
 /// Serves the probes on an already bound listener until `stop` resolves. `draining` turns

@@ -11,3 +11,5 @@ pub mod config;
 pub mod health;
 /// `drover keys create|list|revoke`, and `drover dev`'s first admin key.
 pub mod keys;
+/// Logs (text or JSON) and optional OTLP trace export.
+pub mod telemetry;

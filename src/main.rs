@@ -137,24 +137,9 @@ enum Command {
     BenchWorker(bench::BenchWorkerArgs),
 }
 
-fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    if json {
-        fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_current_span(true)
-            .init();
-    } else {
-        fmt().with_env_filter(filter).init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    let _telemetry = drover::telemetry::init();
     match Cli::parse().command {
         Command::Dev {
             conn,

@@ -204,7 +204,7 @@ fn openapi_service(state: &AppState) -> OpenApiService<routes::Api, ()> {
 }
 
 /// Every route, with problem+json errors, panic recovery, authentication, rate limits, the
-/// audit log, security headers and HTTP metrics.
+/// audit log, security headers, HTTP metrics and a tracing span per request.
 ///
 /// Serves `/v1/…`, `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, `/docs` and
 /// `/dashboard`.
@@ -230,6 +230,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = poem::Response> + 'stat
         .with_if(cors.is_some(), cors.unwrap_or_default())
         .around(security::headers)
         .with(metrics::HttpMetrics::new(labels))
+        .with(trace::RequestTracing)
 }
 
 /// Serves [`routes`] on an already-bound listener until `shutdown` completes, then lets

@@ -12,8 +12,15 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::{Endpoint, IntoResponse, Middleware, PathPattern, Request, Response};
 use poem_openapi::{OpenApi, OperationId};
 
-/// Counter `{queue, kind}`: jobs accepted by the API (idempotent repeats are not counted).
-pub const JOBS_ENQUEUED_TOTAL: &str = "drover_jobs_enqueued_total";
+// The names recorded below the API (workers, brokers, scheduler, history writers), gathered
+// here so that this module lists every name drover exports.
+pub use jobs::metrics::{
+    BROKER_REQUEST_DURATION_SECONDS, JOB_DURATION_SECONDS, JOB_WAIT_SECONDS, JOBS_COMPLETED_TOTAL,
+    JOBS_ENQUEUED_TOTAL, SCHEDULE_MISSED_TICKS_TOTAL, SCHEDULE_TICK_DELAY_SECONDS, SCHEDULE_TICKS_TOTAL,
+    WORKER_BUSY_SLOTS, WORKER_HEARTBEAT_TIMESTAMP_SECONDS, WORKER_SLOTS,
+};
+pub use schema::history::{HISTORY_DROPPED_EVENTS_TOTAL, HISTORY_LAG_EVENTS, HISTORY_LAG_SECONDS};
+
 /// Counter `{route, status}`: HTTP requests answered, by route template and status code.
 pub const HTTP_REQUESTS_TOTAL: &str = "drover_http_requests_total";
 /// Histogram `{route}`: time to produce a response (headers ready), in seconds.
@@ -26,6 +33,53 @@ pub const QUEUE_DEPTH: &str = "drover_queue_depth";
 /// `analytics-summary`), `hit` when Redis had it, `miss` when the request computed it (every
 /// read is a miss when no cache is configured).
 pub const CACHE_REQUESTS_TOTAL: &str = "drover_cache_requests_total";
+
+/// The kind of a Prometheus metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric drover exports, with its kind and labels: what dashboards and alert rules may
+/// name (tests check `deploy/` against it, and docs/observability.md documents each).
+pub const EXPORTED: &[(&str, MetricKind, &[&str])] = &[
+    (JOBS_ENQUEUED_TOTAL, MetricKind::Counter, &["queue", "kind"]),
+    (
+        JOBS_COMPLETED_TOTAL,
+        MetricKind::Counter,
+        &["queue", "kind", "outcome"],
+    ),
+    (JOB_DURATION_SECONDS, MetricKind::Histogram, &["queue", "kind"]),
+    (JOB_WAIT_SECONDS, MetricKind::Histogram, &["queue"]),
+    (QUEUE_DEPTH, MetricKind::Gauge, &["queue", "state"]),
+    (HTTP_REQUESTS_TOTAL, MetricKind::Counter, &["route", "status"]),
+    (HTTP_REQUEST_DURATION_SECONDS, MetricKind::Histogram, &["route"]),
+    (CACHE_REQUESTS_TOTAL, MetricKind::Counter, &["cache", "result"]),
+    (
+        BROKER_REQUEST_DURATION_SECONDS,
+        MetricKind::Histogram,
+        &["operation"],
+    ),
+    (WORKER_HEARTBEAT_TIMESTAMP_SECONDS, MetricKind::Gauge, &["queue"]),
+    (WORKER_SLOTS, MetricKind::Gauge, &["queue"]),
+    (WORKER_BUSY_SLOTS, MetricKind::Gauge, &["queue"]),
+    (HISTORY_LAG_EVENTS, MetricKind::Gauge, &["writer"]),
+    (HISTORY_LAG_SECONDS, MetricKind::Gauge, &["writer"]),
+    (HISTORY_DROPPED_EVENTS_TOTAL, MetricKind::Counter, &["writer"]),
+    (SCHEDULE_TICKS_TOTAL, MetricKind::Counter, &["schedule"]),
+    (SCHEDULE_MISSED_TICKS_TOTAL, MetricKind::Counter, &["schedule"]),
+    (SCHEDULE_TICK_DELAY_SECONDS, MetricKind::Histogram, &["schedule"]),
+];
+
+/// Renders the process's metrics for a scrape, after bringing the gauges that are computed on
+/// scrape (the history writers' lag) up to date.
+pub fn render(handle: &PrometheusHandle) -> String {
+    schema::history::publish_metrics();
+    handle.run_upkeep();
+    handle.render()
+}
 
 /// The `route` label of requests no route matched (kept to one value to bound cardinality).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -78,6 +132,43 @@ fn describe() {
         CACHE_REQUESTS_TOTAL,
         "Reads of cached read models, by cache and result"
     );
+    metrics::describe_counter!(JOBS_COMPLETED_TOTAL, "Attempts finished, by outcome");
+    metrics::describe_histogram!(
+        JOB_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "How long an attempt's handler ran"
+    );
+    metrics::describe_histogram!(
+        JOB_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "From a job being due to its attempt starting"
+    );
+    metrics::describe_histogram!(
+        BROKER_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "One broker call (enqueue, fetch, settle, renew, release)"
+    );
+    metrics::describe_gauge!(
+        WORKER_HEARTBEAT_TIMESTAMP_SECONDS,
+        metrics::Unit::Seconds,
+        "Unix time of the last broker call a queue's worker completed"
+    );
+    metrics::describe_gauge!(WORKER_SLOTS, "Attempts a queue's worker runs at once");
+    metrics::describe_gauge!(WORKER_BUSY_SLOTS, "Attempts running now");
+    metrics::describe_gauge!(
+        HISTORY_LAG_EVENTS,
+        "Events recorded, not yet written to the database"
+    );
+    metrics::describe_gauge!(
+        HISTORY_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest unwritten event"
+    );
+    metrics::describe_counter!(
+        HISTORY_DROPPED_EVENTS_TOTAL,
+        "Events dropped because the writer's queue was full"
+    );
+    // The scheduler describes its own (`workers::scheduler`).
 }
 
 /// `drover_jobs_enqueued_total` handles by queue, then kind: registered once per pair, so that

@@ -1,10 +1,76 @@
-//! W3C Trace Context: the `traceparent` a job carries from the request that enqueued it, so that
-//! the worker's spans join the caller's trace.
+//! W3C Trace Context: the span of each request, in the caller's trace, and the `traceparent` a
+//! job carries from the request that enqueued it, so that the worker's spans join that trace.
+
+use std::time::Instant;
+
+use poem::{Endpoint, IntoResponse, Middleware, Request, Response};
+
+tokio::task_local! {
+    /// The traceparent of the request being served (set by [`RequestTracing`]).
+    static CURRENT: std::sync::Arc<str>;
+}
+
+/// The `traceparent` to store with the jobs of the request being served: the one its span
+/// was given by [`RequestTracing`] (from the same header), so the request's log lines and its
+/// jobs' share a trace id. Outside that middleware, [`traceparent_for`] of the header.
+pub(crate) fn request_traceparent(header: Option<&str>) -> String {
+    CURRENT
+        .try_with(|tp| tp.to_string())
+        .unwrap_or_else(|_| traceparent_for(header))
+}
 
 /// The `traceparent` to store with the jobs of a request: the caller's, normalised to version
 /// `00`, if it sent a valid one; otherwise a new trace (sampled) rooted here.
-pub(crate) fn traceparent_for(header: Option<&str>) -> String {
+fn traceparent_for(header: Option<&str>) -> String {
     header.and_then(parse).unwrap_or_else(generate)
+}
+
+/// Runs every request in a `request` span carrying the trace id of its `traceparent` (the
+/// caller's, or a new trace), and logs each answer at debug level (`api::trace=debug`):
+/// method, path, status and time taken.
+pub(crate) struct RequestTracing;
+
+impl<E: Endpoint> Middleware<E> for RequestTracing {
+    type Output = RequestTracingEndpoint<E>;
+
+    fn transform(&self, inner: E) -> Self::Output {
+        RequestTracingEndpoint { inner }
+    }
+}
+
+pub(crate) struct RequestTracingEndpoint<E> {
+    inner: E,
+}
+
+impl<E: Endpoint> Endpoint for RequestTracingEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        use tracing::Instrument;
+        let started = Instant::now();
+        let header = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+        let traceparent: std::sync::Arc<str> = traceparent_for(header).into();
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = req.uri().path(),
+            trace_id = jobs::trace::trace_id(&traceparent),
+        );
+        jobs::trace::set_parent(&span, &traceparent);
+        let answer = async {
+            let resp = match self.inner.call(req).await {
+                Ok(resp) => resp.into_response(),
+                Err(err) => err.into_response(),
+            };
+            tracing::debug!(
+                status = resp.status().as_u16(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "request answered"
+            );
+            resp
+        };
+        Ok(CURRENT.scope(traceparent, answer.instrument(span)).await)
+    }
 }
 
 /// Parses a `traceparent` header. Versions above `00` are accepted by their first four fields,

@@ -183,6 +183,27 @@ pub fn quarantine_error(crashes: u32) -> String {
     format!("quarantined: its worker died {crashes} times while running it")
 }
 
+/// The error a job is quarantined with when its last crash was a panic its worker caught
+/// (worker deaths and panics count alike: both are bugs retrying will not fix).
+pub fn panic_quarantine_error(crashes: u32, panic: &str) -> String {
+    format!("quarantined: it crashed {crashes} times (worker deaths and panics); last: {panic}")
+}
+
+impl Outcome {
+    /// Whether this outcome is a retry after a panic: the broker counts it as a crash
+    /// ([`Job::crashes`]), so a job that keeps panicking is quarantined like one that keeps
+    /// killing its worker.
+    pub fn is_panicked_retry(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Retry {
+                how: AttemptOutcome::Panicked,
+                ..
+            }
+        )
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -7,6 +7,7 @@
 //!   [`broker::Driver`] interface;
 //! - [`backend`]: the apalis-core `Backend` every broker shares (batched fetch, batched acks,
 //!   graceful release);
+//! - [`metrics`]: the workers' and brokers' metric names;
 //! - [`limits`]: rate and concurrency limits shared by every worker replica;
 //! - [`schedule`]: cron schedules — expressions, timezones, job templates and which ticks to
 //!   fire after a gap.
@@ -22,10 +23,14 @@ pub mod catalog;
 pub mod families;
 pub mod job;
 pub mod limits;
+/// Metric names of workers and brokers, and the timed driver that records broker round trips.
+pub mod metrics;
 pub mod queue;
 pub mod retry;
 pub mod schedule;
 pub mod stats;
+/// W3C trace context of jobs: trace ids for log lines, remote parents for exporters.
+pub mod trace;
 
 pub use backend::{JobRef, QueueBackend, SettledCount};
 pub use broker::{

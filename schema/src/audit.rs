@@ -35,6 +35,7 @@ const ROWS_PER_INSERT: usize = 1000;
 
 impl BatchSink for AuditEntry {
     const WHAT: &'static str = "audit log";
+    const LABEL: &'static str = "audit";
 
     async fn write(db: &DatabaseConnection, batch: &[Self]) -> Result<(), DbError> {
         for chunk in batch.chunks(ROWS_PER_INSERT) {

@@ -31,7 +31,10 @@ mod postgres;
 mod sqlite;
 mod writer;
 
-pub use writer::{BatchSink, BatchTask, BatchWriter, HistoryConfig, HistoryTask, HistoryWriter};
+pub use writer::{
+    BatchSink, BatchTask, BatchWriter, HISTORY_DROPPED_EVENTS_TOTAL, HISTORY_LAG_EVENTS, HISTORY_LAG_SECONDS,
+    HistoryConfig, HistoryTask, HistoryWriter, publish_metrics,
+};
 
 /// Something that happened to a job, stamped with when it happened (`at`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

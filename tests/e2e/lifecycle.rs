@@ -283,6 +283,42 @@ async fn a_job_that_panics_fails_its_attempt_and_the_worker_carries_on(broker: B
     app.shutdown().await;
 }
 
+/// A panic is a crash the worker survives: a job that panics `DROVER_QUARANTINE_AFTER` (3)
+/// times is quarantined in the dead set, its remaining attempts unspent.
+async fn a_job_that_panics_three_times_is_quarantined(broker: Broker) {
+    let app = spawn_app(
+        broker,
+        Options {
+            retry: Some(RetryPolicy {
+                initial_ms: 50,
+                multiplier: 1.0,
+                max_delay_ms: 50,
+                max_attempts: 10,
+                jitter: 0.0,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = app.enqueue("sleep", json!({"ms": 0, "crash": "panic"})).await;
+    let job = app
+        .wait_job(&id, Duration::from_secs(20), |j| j["status"] == "dead")
+        .await;
+    let attempts = job["attempt_history"].as_array().expect("attempt history");
+    assert_eq!(
+        attempts.len(),
+        3,
+        "quarantined at the third panic, not after 10 attempts: {job}"
+    );
+    assert!(attempts.iter().all(|a| a["outcome"] == "panicked"), "{job}");
+    let error = job["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.starts_with("quarantined: it crashed 3 times") && error.contains("crashing as asked"),
+        "{job}"
+    );
+    app.shutdown().await;
+}
+
 macro_rules! for_each_broker {
     ($($test:ident),* $(,)?) => {
         mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(crate::support::Broker::Redis).await } )* }
@@ -299,4 +335,5 @@ for_each_broker!(
     a_pending_job_can_be_canceled_and_never_runs,
     a_job_that_sleeps_past_its_timeout_is_stopped_and_retried,
     a_job_that_panics_fails_its_attempt_and_the_worker_carries_on,
+    a_job_that_panics_three_times_is_quarantined,
 );

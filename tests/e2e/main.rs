@@ -12,6 +12,8 @@ mod k8s;
 mod lifecycle;
 /// `[[limits]]` held across worker processes.
 mod limits;
+/// Metrics scraped and parsed as Prometheus does; one trace id from a request to its job's logs.
+mod observability;
 /// Broker restarts mid-run, on broker instances of the tests' own.
 mod outages;
 mod process;

@@ -19,8 +19,13 @@ use apalis::layers::WorkerBuilderExt;
 use apalis_core::{error::BoxDynError, monitor::Monitor, task::Task, worker::builder::WorkerBuilder};
 use futures::{FutureExt, future::BoxFuture};
 use jobs::{
-    Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName, job::AttemptOutcome,
-    job::now_ms, limits::Limiter,
+    Catalog, ConsumerConfig, Job, JobRef, Outcome, Producer, QueueBackend, QueueName,
+    job::AttemptOutcome,
+    job::now_ms,
+    limits::Limiter,
+    metrics::{
+        JOB_DURATION_SECONDS, JOB_WAIT_SECONDS, JOBS_COMPLETED_TOTAL, WORKER_BUSY_SLOTS, WORKER_SLOTS,
+    },
 };
 use schema::history::HistoryWriter;
 use tracing::Instrument;
@@ -118,8 +123,13 @@ pub async fn run(
             deps: deps.clone(),
             history: history.clone(),
             worker: worker.clone(),
-            metrics: Arc::new(QueueMetrics::new(queue, registry.kinds())),
+            metrics: Arc::new(QueueMetrics::new(
+                queue,
+                settings.concurrency.max(1),
+                registry.kinds(),
+            )),
             limits: settings.limits.clone().filter(|l| !l.is_empty()),
+            quarantine_after: settings.quarantine_after.max(1),
         };
         let queue = queue.clone();
         let concurrency = settings.concurrency.max(1);
@@ -170,12 +180,16 @@ pub struct AttemptService {
     worker: Arc<str>,
     metrics: Arc<QueueMetrics>,
     limits: Option<Arc<Limiter>>,
+    /// Crashes (worker deaths and panics) after which a job is quarantined.
+    quarantine_after: u32,
 }
 
 /// One queue's metric handles, registered once: looking a metric up by its labels on every
 /// attempt would allocate the label strings and hash them each time.
 struct QueueMetrics {
     wait: metrics::Histogram,
+    /// Attempts running: up when one starts, down when it ends (see [`BusySlot`]).
+    busy: metrics::Gauge,
     kinds: HashMap<&'static str, KindMetrics>,
 }
 
@@ -189,9 +203,9 @@ struct KindMetrics {
 impl KindMetrics {
     fn new(queue: &QueueName, kind: &str) -> Self {
         let (queue, kind) = (queue.to_string(), kind.to_owned());
-        let completed = |outcome: &'static str| metrics::counter!("drover_jobs_completed_total", "queue" => queue.clone(), "kind" => kind.clone(), "outcome" => outcome);
+        let completed = |outcome: &'static str| metrics::counter!(JOBS_COMPLETED_TOTAL, "queue" => queue.clone(), "kind" => kind.clone(), "outcome" => outcome);
         Self {
-            duration: metrics::histogram!("drover_job_duration_seconds", "queue" => queue.clone(), "kind" => kind.clone()),
+            duration: metrics::histogram!(JOB_DURATION_SECONDS, "queue" => queue.clone(), "kind" => kind.clone()),
             succeeded: completed("succeeded"),
             retried: completed("retried"),
             dead: completed("dead"),
@@ -200,9 +214,11 @@ impl KindMetrics {
 }
 
 impl QueueMetrics {
-    fn new(queue: &QueueName, kinds: impl Iterator<Item = &'static str>) -> Self {
+    fn new(queue: &QueueName, slots: usize, kinds: impl Iterator<Item = &'static str>) -> Self {
+        metrics::gauge!(WORKER_SLOTS, "queue" => queue.to_string()).set(slots as f64);
         Self {
-            wait: metrics::histogram!("drover_job_wait_seconds", "queue" => queue.to_string()),
+            wait: metrics::histogram!(JOB_WAIT_SECONDS, "queue" => queue.to_string()),
+            busy: metrics::gauge!(WORKER_BUSY_SLOTS, "queue" => queue.to_string()),
             kinds: kinds.map(|k| (k, KindMetrics::new(queue, k))).collect(),
         }
     }
@@ -227,6 +243,23 @@ impl QueueMetrics {
     }
 }
 
+/// One running attempt in [`QueueMetrics::busy`]; dropping it (the attempt ended, or its
+/// future was dropped at shutdown) frees the slot.
+struct BusySlot<'a>(&'a metrics::Gauge);
+
+impl<'a> BusySlot<'a> {
+    fn take(gauge: &'a metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for BusySlot<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 impl tower::Service<Task<JobRef>> for AttemptService {
     type Response = Outcome;
     type Error = BoxDynError;
@@ -248,8 +281,12 @@ impl tower::Service<Task<JobRef>> for AttemptService {
             // Workers that died running this job before; at `DROVER_QUARANTINE_AFTER` the
             // broker quarantines it instead of delivering it.
             crashes = job.crashes,
-            trace_id = job.trace_id.as_deref().unwrap_or(""),
+            // The trace of the request that enqueued the job: its log lines carry the same id.
+            trace_id = jobs::trace::trace_id(job.trace_id.as_deref().unwrap_or("")),
         );
+        if let Some(traceparent) = &job.trace_id {
+            jobs::trace::set_parent(&span, traceparent);
+        }
         Box::pin(async move { Ok(this.attempt(job).await) }.instrument(span))
     }
 }
@@ -264,6 +301,7 @@ impl AttemptService {
             ),
             None => None,
         };
+        let busy = BusySlot::take(&self.metrics.busy);
         let started = now_ms();
         if let Some(h) = &self.history {
             history::started(h, &job, &self.worker, started);
@@ -292,6 +330,7 @@ impl AttemptService {
             }
         }
         self.metrics.record(&job, elapsed, &outcome);
+        drop(busy);
         if let Some(h) = &self.history {
             history::finished(h, &job, &self.worker, started, finished, &outcome);
         }
@@ -343,6 +382,16 @@ impl AttemptService {
             Ok(()) => return Outcome::Succeeded,
             Err(e) => e,
         };
+        // A panic is a crash the worker survived: the broker counts it with the deaths
+        // (`Job::crashes`), and the one that reaches `quarantine_after` quarantines the job
+        // rather than spending its remaining attempts on a bug.
+        if how == AttemptOutcome::Panicked {
+            let crashes = job.crashes.saturating_add(1);
+            if crashes >= self.quarantine_after {
+                let error = jobs::job::panic_quarantine_error(crashes, &err.to_string());
+                return Outcome::Dead { error, how };
+            }
+        }
         match err {
             JobError::Permanent(error) => Outcome::Dead { error, how },
             JobError::Retryable(error) => {

@@ -35,13 +35,7 @@ use schema::{
 use sea_orm::DatabaseConnection;
 use tracing::Instrument;
 
-/// Counter `{schedule}`: ticks whose job a broker accepted (a `run_once` firing after downtime
-/// counts once).
-pub const SCHEDULE_TICKS_TOTAL: &str = "drover_schedule_ticks_total";
-/// Counter `{schedule}`: ticks older than the misfire grace when a scheduler got to them.
-pub const SCHEDULE_MISSED_TICKS_TOTAL: &str = "drover_schedule_missed_ticks_total";
-/// Histogram `{schedule}`: from a tick's time to its job's acceptance by the broker, seconds.
-pub const SCHEDULE_TICK_DELAY_SECONDS: &str = "drover_schedule_tick_delay_seconds";
+pub use jobs::metrics::{SCHEDULE_MISSED_TICKS_TOTAL, SCHEDULE_TICK_DELAY_SECONDS, SCHEDULE_TICKS_TOTAL};
 
 /// Ticks one schedule fires in one round at most; the rest stay due for the next round.
 const MAX_FIRES_PER_ROUND: usize = 100;
@@ -429,7 +423,7 @@ impl Scheduler {
             metrics::counter!(SCHEDULE_TICKS_TOTAL, "schedule" => tick.schedule.clone()).increment(1);
             metrics::histogram!(SCHEDULE_TICK_DELAY_SECONDS, "schedule" => tick.schedule.clone())
                 .record(delay.as_secs_f64());
-            metrics::counter!("drover_jobs_enqueued_total", "queue" => queue.to_string(), "kind" => kind.to_string())
+            metrics::counter!(jobs::metrics::JOBS_ENQUEUED_TOTAL, "queue" => queue.to_string(), "kind" => kind.to_string())
                 .increment(1);
             if let (Some(history), Some(event)) = (&self.history, event) {
                 history.record(event);

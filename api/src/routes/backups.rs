@@ -115,7 +115,7 @@ impl BackupsApi {
         /// W3C trace context of the caller.
         traceparent: poem_openapi::param::Header<Option<String>>,
     ) -> Result<BackupResponse, ApiError> {
-        let traceparent = trace::traceparent_for(traceparent.0.as_deref());
+        let traceparent = trace::request_traceparent(traceparent.0.as_deref());
         let cx = Context {
             catalog: &self.state.catalog,
             now_ms: jobs::job::now_ms(),

@@ -68,8 +68,7 @@ impl HealthApi {
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
     async fn metrics(&self) -> PlainText<String> {
         metrics::refresh_queue_depths(self.state.broker.as_ref(), self.state.config.probe_timeout).await;
-        self.state.metrics.run_upkeep();
-        PlainText(self.state.metrics.render())
+        PlainText(metrics::render(&self.state.metrics))
     }
 }
 

@@ -51,7 +51,7 @@ impl JobsApi {
         /// W3C trace context of the caller; the job's worker spans join this trace.
         traceparent: Header<Option<String>>,
     ) -> Result<EnqueueResponse, ApiError> {
-        let traceparent = trace::traceparent_for(traceparent.0.as_deref());
+        let traceparent = trace::request_traceparent(traceparent.0.as_deref());
         let cx = self.context(&traceparent);
         let prepared = match enqueue::single_fast(&body.bytes, &cx) {
             Some(prepared) => prepared,
@@ -82,7 +82,7 @@ impl JobsApi {
         /// W3C trace context of the caller, carried by every job of the batch.
         traceparent: Header<Option<String>>,
     ) -> Result<BatchResponse, ApiError> {
-        let traceparent = trace::traceparent_for(traceparent.0.as_deref());
+        let traceparent = trace::request_traceparent(traceparent.0.as_deref());
         let cx = self.context(&traceparent);
         let max_jobs = self.state.config.max_batch_jobs;
         let prepared = match enqueue::batch_fast(&body.bytes, &cx, max_jobs) {

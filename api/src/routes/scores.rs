@@ -171,7 +171,7 @@ impl ScoresApi {
         traceparent: poem_openapi::param::Header<Option<String>>,
     ) -> Result<RecomputeResponse, ApiError> {
         model_row(&self.state, &model).await?;
-        let traceparent = trace::traceparent_for(traceparent.0.as_deref());
+        let traceparent = trace::request_traceparent(traceparent.0.as_deref());
         let cx = Context {
             catalog: &self.state.catalog,
             now_ms: jobs::job::now_ms(),

@@ -1965,6 +1965,10 @@ impl Driver for AmqpDriver {
                         // `attempt` is the attempt that just ended: attempts made so far.
                         let mut job = Job::clone(&s.job);
                         job.run_at_ms = Some(*at_ms);
+                        // A panic counts as a crash (see `Outcome::is_panicked_retry`).
+                        if s.outcome.is_panicked_retry() {
+                            job.crashes = job.crashes.saturating_add(1);
+                        }
                         (self.names.for_remaining(at_ms - now).to_owned(), job, None)
                     }
                     Outcome::Dead { error, .. } => {

@@ -39,6 +39,8 @@ struct Waiting {
 pub struct Coalescing {
     inner: Arc<dyn Producer>,
     tx: mpsc::UnboundedSender<Waiting>,
+    /// Every batch this producer sends is one `enqueue` round trip.
+    rtt: metrics::Histogram,
 }
 
 impl Coalescing {
@@ -46,12 +48,13 @@ impl Coalescing {
     /// last handle is dropped, after answering every push it received.
     pub fn new(inner: Arc<dyn Producer>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(gather(inner.clone(), rx));
-        Self { inner, tx }
+        let rtt = crate::metrics::broker_request_duration(crate::metrics::operation::ENQUEUE);
+        tokio::spawn(gather(inner.clone(), rx, rtt.clone()));
+        Self { inner, tx, rtt }
     }
 }
 
-async fn gather(inner: Arc<dyn Producer>, mut rx: mpsc::UnboundedReceiver<Waiting>) {
+async fn gather(inner: Arc<dyn Producer>, mut rx: mpsc::UnboundedReceiver<Waiting>, rtt: metrics::Histogram) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut waiting = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -65,10 +68,13 @@ async fn gather(inner: Arc<dyn Producer>, mut rx: mpsc::UnboundedReceiver<Waitin
         }
         let batch = std::mem::replace(&mut waiting, Vec::with_capacity(MAX_BATCH));
         let inner = inner.clone();
+        let rtt = rtt.clone();
         let span = tracing::debug_span!("push_coalesced", jobs = batch.len());
         tokio::spawn(
             async move {
+                let started = std::time::Instant::now();
                 send(&*inner, batch).await;
+                rtt.record(started.elapsed().as_secs_f64());
                 drop(slot);
             }
             .instrument(span),
@@ -116,7 +122,10 @@ impl Producer for Coalescing {
     }
 
     async fn push_batch(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>, BrokerError> {
-        self.inner.push_batch(jobs).await
+        let started = std::time::Instant::now();
+        let result = self.inner.push_batch(jobs).await;
+        self.rtt.record(started.elapsed().as_secs_f64());
+        result
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {

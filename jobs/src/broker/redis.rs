@@ -995,7 +995,11 @@ impl Driver for RedisDriver {
         for s in batch {
             let (code, at, err) = match &s.outcome {
                 Outcome::Succeeded => ("s", 0, ""),
-                Outcome::Retry { at_ms, error, .. } => ("r", *at_ms, error.as_str()),
+                Outcome::Retry { at_ms, error, .. } => (
+                    if s.outcome.is_panicked_retry() { "p" } else { "r" },
+                    *at_ms,
+                    error.as_str(),
+                ),
                 Outcome::Dead { error, .. } => ("d", 0, error.as_str()),
             };
             let leased = s.job.receipt;
@@ -1200,7 +1204,8 @@ return out
 const SETTLE_LUA: &str = r#"
 -- KEYS: leased, scheduled, dead, stats, pending, state, error, finished, data, attempts, crashes
 -- ARGV: finished-before ms (older finished jobs are forgotten), then per job: id, the state
---       entry of its lease, its state entry after, attempt, s|r|d, retry-at ms, error, finished ms
+--       entry of its lease, its state entry after, attempt, s|r|p|d (p: a retry after a panic,
+--       which counts as a crash), retry-at ms, error, finished ms
 local forget = ARGV[1]
 local ids = {}
 for i = 2, #ARGV, 8 do ids[#ids + 1] = ARGV[i] end
@@ -1230,9 +1235,10 @@ for n, id in ipairs(ids) do
       failed = failed + 1
       errs[#errs + 1] = id
       errs[#errs + 1] = ARGV[i + 6]
-      if o == 'r' then
+      if o == 'r' or o == 'p' then
         retry[#retry + 1] = ARGV[i + 5]
         retry[#retry + 1] = id
+        if o == 'p' then redis.call('HINCRBY', KEYS[11], id, 1) end
       else
         dead[#dead + 1] = ARGV[i + 7]
         dead[#dead + 1] = id

@@ -378,16 +378,19 @@ CREATE INDEX IF NOT EXISTS "{p}_queue_idempotency_key_expires" ON {key} (expires
             next_due: s(format!(
                 "SELECT MIN(run_at_ms) FROM {job} WHERE queue = ?1 AND {WAITING}"
             )),
-            // ?1: a JSON array of [id, new status, retry at, error, worker, finished at].
+            // ?1: a JSON array of [id, new status, retry at, error, worker, finished at,
+            // 1 if a panic ended the attempt (it counts as a crash)].
             settle: s(format!(
                 "UPDATE {job} SET \
                    status = s.new_status, \
                    run_at_ms = CASE WHEN s.new_status = 'retrying' THEN s.retry_at ELSE {job}.run_at_ms END, \
                    last_error = COALESCE(s.error, {job}.last_error), \
                    finished_ms = s.finished, \
+                   crashes = crashes + s.panicked, \
                    lease_until_ms = NULL \
                  FROM (SELECT value ->> 0 AS job_id, value ->> 1 AS new_status, value ->> 2 AS retry_at, \
-                         value ->> 3 AS error, value ->> 4 AS by_worker, value ->> 5 AS finished \
+                         value ->> 3 AS error, value ->> 4 AS by_worker, value ->> 5 AS finished, \
+                         value ->> 6 AS panicked \
                        FROM json_each(?1)) AS s \
                  WHERE {job}.id = s.job_id AND {job}.worker = s.by_worker \
                    AND {job}.status IN ('running', 'pending') \
@@ -1103,7 +1106,8 @@ impl Driver for SqliteDriver {
                     at,
                     error,
                     &*s.worker,
-                    s.finished_at_ms
+                    s.finished_at_ms,
+                    u8::from(s.outcome.is_panicked_retry())
                 ])
             })
             .collect();

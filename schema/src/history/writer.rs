@@ -6,8 +6,8 @@
 //! API's audit log: `crate::audit`). While the database is unreachable that task keeps its
 //! current batch and retries with backoff; new events wait in the queue until it is full.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
@@ -23,13 +23,56 @@ use crate::DbError;
 pub trait BatchSink: Send + Sync + 'static + Sized {
     /// What the events are, for log lines: `job history`, `audit log`.
     const WHAT: &'static str;
+    /// The `writer` label of its metrics ([`HISTORY_LAG_EVENTS`]): `history`, `audit`.
+    const LABEL: &'static str;
     fn write(db: &DatabaseConnection, batch: &[Self]) -> impl Future<Output = Result<(), DbError>> + Send;
 }
 
 impl BatchSink for HistoryEvent {
     const WHAT: &'static str = "job history";
+    const LABEL: &'static str = "history";
     fn write(db: &DatabaseConnection, batch: &[Self]) -> impl Future<Output = Result<(), DbError>> + Send {
         apply_batch(db, batch)
+    }
+}
+
+/// Gauge `{writer}`: events recorded but not written to the database yet (queued, or in the
+/// batch being written), as of the last scrape.
+pub const HISTORY_LAG_EVENTS: &str = "drover_history_lag_events";
+/// Gauge `{writer}`: age in seconds of the oldest event the writer holds unwritten (0 when it
+/// holds none), as of the last scrape: how far the database is behind.
+pub const HISTORY_LAG_SECONDS: &str = "drover_history_lag_seconds";
+/// Counter `{writer}`: events dropped because the writer's queue was full (the database was
+/// away too long) or the writer had shut down.
+pub const HISTORY_DROPPED_EVENTS_TOTAL: &str = "drover_history_dropped_events_total";
+
+/// Every writer of the process, for [`publish_metrics`]; entries of stopped writers are pruned
+/// there.
+static WRITERS: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// Sets the writers' lag gauges from their current state. Called by `/metrics` before
+/// rendering, so recording an event costs nothing extra and the ages are current.
+pub fn publish_metrics() {
+    let mut writers = WRITERS.lock().expect("writer list poisoned");
+    writers.retain(|w| w.strong_count() > 0);
+    // Writers of one kind in one process (rare: tests) are summed, their ages maxed.
+    let mut by_label: Vec<(&'static str, usize, f64, u64)> = Vec::new();
+    for shared in writers.iter().filter_map(Weak::upgrade) {
+        let (events, age, dropped) = (shared.lag(), shared.oldest_age().as_secs_f64(), shared.dropped());
+        match by_label.iter_mut().find(|(l, ..)| *l == shared.label) {
+            Some(entry) => {
+                entry.1 += events;
+                entry.2 = entry.2.max(age);
+                entry.3 += dropped;
+            }
+            None => by_label.push((shared.label, events, age, dropped)),
+        }
+    }
+    drop(writers);
+    for (label, events, age, dropped) in by_label {
+        metrics::gauge!(HISTORY_LAG_EVENTS, "writer" => label).set(events as f64);
+        metrics::gauge!(HISTORY_LAG_SECONDS, "writer" => label).set(age);
+        metrics::counter!(HISTORY_DROPPED_EVENTS_TOTAL, "writer" => label).absolute(dropped);
     }
 }
 
@@ -103,7 +146,6 @@ pub struct BatchTask<T> {
     events: std::marker::PhantomData<fn(T)>,
 }
 
-#[derive(Debug)]
 struct Shared {
     dropped: AtomicU64,
     /// Set while writes fail (the database is away), cleared by the next write that succeeds.
@@ -112,8 +154,24 @@ struct Shared {
     unflushed: AtomicUsize,
     /// Milliseconds after `started` before which no drop warning is logged.
     quiet_until_ms: AtomicU64,
+    /// Milliseconds after `started`, plus one, at which the oldest event of the task's current
+    /// batch arrived; 0 while the batch is empty. The channel is FIFO and drained before
+    /// anything newer is taken, so this is the oldest unwritten event, give or take the moment
+    /// it spent queued.
+    oldest_ms: AtomicU64,
+    /// Events sent to the task and not yet received by it (the channel's fill).
+    queued: Box<dyn Fn() -> usize + Send + Sync>,
     started: Instant,
     what: &'static str,
+    label: &'static str,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T: BatchSink> BatchWriter<T> {
@@ -121,14 +179,24 @@ impl<T: BatchSink> BatchWriter<T> {
     pub fn spawn(db: DatabaseConnection, cfg: HistoryConfig) -> (BatchWriter<T>, BatchTask<T>) {
         let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
         let (stop, stop_rx) = oneshot::channel();
+        // A weak sender: it measures the queue without keeping the task alive.
+        let probe = tx.downgrade();
         let shared = Arc::new(Shared {
             dropped: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             unflushed: AtomicUsize::new(0),
             quiet_until_ms: AtomicU64::new(0),
+            oldest_ms: AtomicU64::new(0),
+            queued: Box::new(move || probe.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity())),
             started: Instant::now(),
             what: T::WHAT,
+            label: T::LABEL,
         });
+        {
+            let mut writers = WRITERS.lock().expect("writer list poisoned");
+            writers.retain(|w| w.strong_count() > 0);
+            writers.push(Arc::downgrade(&shared));
+        }
         let flusher = Flusher {
             db,
             rx,
@@ -170,8 +238,7 @@ impl<T: BatchSink> BatchWriter<T> {
 
     /// Events recorded but not written yet.
     pub fn lag(&self) -> usize {
-        let queued = self.tx.max_capacity() - self.tx.capacity();
-        queued + self.shared.unflushed.load(Ordering::Relaxed)
+        self.shared.lag()
     }
 
     /// Resolves once every event recorded before this call is in the database, without
@@ -223,8 +290,30 @@ impl<T> BatchTask<T> {
 }
 
 impl Shared {
+    fn lag(&self) -> usize {
+        (self.queued)() + self.unflushed.load(Ordering::Relaxed)
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn oldest_age(&self) -> Duration {
+        match self.oldest_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(at - 1)),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn warn_dropped(&self, reason: &'static str, total: u64) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = self.now_ms();
         let quiet_until = self.quiet_until_ms.load(Ordering::Relaxed);
         let next = now.saturating_add(DROP_WARNING_EVERY.as_secs() * 1000);
         // Whoever wins the exchange warns; everyone else within the window stays quiet.
@@ -295,6 +384,10 @@ impl<T: BatchSink> Flusher<T> {
     async fn handle(&mut self, command: Command<T>) -> bool {
         match command {
             Command::Record(event) => {
+                if self.buffer.is_empty() {
+                    let now = self.shared.now_ms();
+                    self.shared.oldest_ms.store(now + 1, Ordering::Relaxed);
+                }
                 self.buffer.push(event);
                 self.shared.unflushed.store(self.buffer.len(), Ordering::Relaxed);
                 self.buffer.len() < self.max_batch || self.write().await
@@ -336,6 +429,7 @@ impl<T: BatchSink> Flusher<T> {
                 Ok(()) => {
                     self.buffer.clear();
                     self.shared.unflushed.store(0, Ordering::Relaxed);
+                    self.shared.oldest_ms.store(0, Ordering::Relaxed);
                     self.shared.failing.store(false, Ordering::Relaxed);
                     self.release_waiting();
                 }
