@@ -185,7 +185,20 @@ job = { kind = "noop" }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for r in replicas.iter().flatten() {
-        let ready = http.get(format!("{}/readyz", r.health)).send().await.unwrap();
+        // One replica's tick can fire before another has bound its probe listener (a loaded
+        // machine starts processes slowly): wait for the listener, then require ready.
+        let start = Instant::now();
+        let ready = loop {
+            match http.get(format!("{}/readyz", r.health)).send().await {
+                Ok(ready) => break ready,
+                Err(e) => assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "{}/readyz never answered: {e}",
+                    r.health
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(ready.status().as_u16(), 200);
         let body = ready.text().await.unwrap();
         assert!(
