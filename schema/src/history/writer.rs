@@ -116,8 +116,8 @@ enum Command<T> {
     Record(T),
     /// Write everything received so far, then answer.
     Flush(oneshot::Sender<()>),
-    /// Answer once everything received so far is written, at the usual cadence (no forced
-    /// write), or at once when a write fails.
+    /// Answer once everything received so far is written (which the writer then does at once,
+    /// with whatever else is queued), or at once when a write fails.
     Written(oneshot::Sender<()>),
 }
 
@@ -241,8 +241,9 @@ impl<T: BatchSink> BatchWriter<T> {
         self.shared.lag()
     }
 
-    /// Resolves once every event recorded before this call is in the database, without
-    /// forcing a write: within about one flush interval while the database answers. Resolves
+    /// Resolves once every event recorded before this call is in the database: the writer
+    /// writes what it holds as soon as it has taken what is queued, so this takes about one
+    /// write while the database answers. Resolves
     /// at once while writes are failing, when the queue is full, or after shutdown: callers use
     /// it to order their own work after the history's (a worker acknowledges attempts only once
     /// their events are stored, so a crash between the two cannot lose the history of a job the
@@ -354,6 +355,15 @@ impl<T: BatchSink> Flusher<T> {
                     Some(command) => {
                         if self.handle(command).await {
                             self.handle_queued().await;
+                        }
+                        // Someone waits on this buffer (a worker's acknowledgements): write it
+                        // now, with everything queued so far, rather than at the next tick. On
+                        // RabbitMQ unacknowledged deliveries hold the consumer's prefetch
+                        // window, so a tick's wait capped a worker at window / interval
+                        // (150 / 50 ms = 3,000 jobs/s); batches still grow with the load,
+                        // as events keep queueing while a write runs.
+                        if !self.waiting.is_empty() {
+                            self.write().await;
                         }
                     }
                     // Every `BatchWriter` is gone: write what is left, however long it takes.

@@ -104,8 +104,7 @@ async fn written_waits_for_the_next_write_and_does_not_wait_for_a_failing_databa
         schema::migrate(&db).await.expect("migrate");
         writer.flush().await;
         assert!(!writer.failing());
-        // Once writes succeed, `written` returns only when the events before it are stored,
-        // at the writer's own cadence (no forced write).
+        // Once writes succeed, `written` returns only when the events before it are stored.
         for i in 1..=30 {
             writer.record(enqueued(Uuid::now_v7(), t(i)));
         }
