@@ -20,6 +20,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 command -v chromium >/dev/null || { echo "chromium is missing and could not be installed" >&2; exit 1; }
 command -v node >/dev/null || { echo "node is missing and could not be installed" >&2; exit 1; }
+# playwright-core needs Node.js 20 or later; Debian 12's own nodejs is 18 (this machine kind
+# ships Node.js 20 from NodeSource, whose apt source is disabled here, so it cannot be fetched).
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  echo "node $(node --version) is too old for playwright-core (needs >= 20): install Node.js 20+" >&2
+  exit 1
+fi
 
 cargo build --locked --quiet --bin drover
 export DROVER_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/drover

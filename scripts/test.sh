@@ -27,6 +27,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v rabbitmq-server >/dev/null || need+=(rabbitmq-server)
 command -v kill >/dev/null || need+=(procps)   # the SIGTERM tests signal the real binary
 command -v pg_dump >/dev/null || need+=(postgresql-client)   # the backup tests dump and restore
+command -v curl >/dev/null || need+=(curl)   # scripts/schemathesis.sh waits for the API with it
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
   apt-get update -qq
