@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use crate::{
-    process::{drover, free_port},
+    process::{create_key, drover, free_port},
     support::{
         REDIS_URL, authorized_client, create_pg_database, delete_redis_prefix, drop_pg_database, unique,
     },
@@ -50,18 +50,7 @@ impl Deployment {
                 .unwrap()
                 .success()
         );
-        let created = drover()
-            .args(["keys", "create", "--role", "operator", "--name", "observer"])
-            .envs(env)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            created.status.success(),
-            "{}",
-            String::from_utf8_lossy(&created.stderr)
-        );
-        let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+        let key = create_key(&env, &["--role", "operator", "--name", "observer"]).await;
         let (api_port, worker_port) = (free_port(), free_port());
         let logs = Arc::new(Mutex::new(Vec::new()));
         let mut processes = Vec::new();

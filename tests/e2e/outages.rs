@@ -298,18 +298,7 @@ async fn accepted_jobs_survive_a_broker_restart(mut broker: Box<dyn OwnBroker>) 
     let migrated = drover().arg("migrate").envs(env).status().await.unwrap();
     assert!(migrated.success(), "drover migrate failed");
     // The clients' key, made the way an operator makes one.
-    let created = drover()
-        .args(["keys", "create", "--role", "operator", "--name", "outage-clients"])
-        .envs(env)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let key = crate::process::create_key(&env, &["--role", "operator", "--name", "outage-clients"]).await;
     let mut procs: Vec<Child> = vec![drover().arg("api").envs(env).spawn().unwrap()];
     for _ in 0..2 {
         procs.push(

@@ -17,6 +17,24 @@ use crate::support::{
     delete_redis_prefix, drop_pg_database, unique,
 };
 
+/// An API key made the way an operator makes one: `drover keys create <args>` on `env`'s
+/// database (the key is the command's standard output).
+pub(crate) async fn create_key(env: &[(&str, &str)], args: &[&str]) -> String {
+    let created = drover()
+        .args(["keys", "create"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "drover keys create failed: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    String::from_utf8(created.stdout).unwrap().trim().to_owned()
+}
+
 pub(crate) fn drover() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_drover"));
     c.kill_on_drop(true).env("DROVER_LOG", "warn");
@@ -463,27 +481,11 @@ async fn three_api_processes_on_one_redis_hold_a_keys_rate_limit_within_five_per
             .unwrap()
             .success()
     );
-    let created = drover()
-        .args([
-            "keys",
-            "create",
-            "--role",
-            "viewer",
-            "--name",
-            "rate-test",
-            "--expires-in",
-            "1h",
-        ])
-        .envs(env)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let key = create_key(
+        &env,
+        &["--role", "viewer", "--name", "rate-test", "--expires-in", "1h"],
+    )
+    .await;
     assert!(key.starts_with("drv_"), "{key}");
 
     let mut bases = Vec::new();
